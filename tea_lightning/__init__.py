@@ -1,0 +1,1 @@
+"""tea-lightning: YOLOv5 detectors trained, validated and pruned with PyTorch Lightning."""

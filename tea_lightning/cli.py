@@ -1,0 +1,148 @@
+"""`tea-lightning`: LightningCLI's fit/validate/test/predict, plus `demo` and `demo-data`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+# The yolov5 package imports pkg_resources; the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
+from pytorch_lightning.loggers import WandbLogger  # noqa: E402
+
+from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
+from tea_lightning.model.detector import Detector  # noqa: E402
+from tea_lightning.model.writer import DetectionWriter  # noqa: E402
+from tea_lightning.rundir import run_dir  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def trainer_defaults() -> dict:
+    """Return what every run gets unless told otherwise: W&B offline logging (synced later with `wandb sync`),
+    best (by YOLOv5's fitness) and last checkpoints, and a writer for `predict`. Built anew for each run because
+    callbacks keep state."""
+    return {
+        "default_root_dir": "runs",
+        "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",
+                   "init_args": {"project": "tea-lightning", "offline": True, "save_dir": None}},
+        "callbacks": [
+            ModelCheckpoint(monitor="val/fitness", mode="max", filename="best", save_last=True,
+                            auto_insert_metric_name=False),
+            DetectionWriter(),
+        ],
+    }
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the resolved config as `config.yaml` in the run folder and records it in every logger (W&B run
+    config included), so each run says exactly how it was made."""
+
+    def __init__(self, parser, config, **kwargs):
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, folder / "config.yaml", skip_none=False, overwrite=True)
+        datamodule = trainer.datamodule
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": self.config.as_dict(), "stage": stage,
+                                    **({"data": datamodule.dataset_info()} if datamodule else {})})
+
+
+class TeaCLI(LightningCLI):
+    """LightningCLI that ties the data set's classes, image size and batch size to the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.nc", "model.nc", apply_on="instantiate")
+        parser.link_arguments("data.names", "model.names", apply_on="instantiate")
+        parser.link_arguments("data.img_size", "model.img_size")
+        parser.link_arguments("data.batch_size", "model.batch_size")
+
+    def before_instantiate_classes(self) -> None:
+        # W&B writes its run folder under save_dir; keep it with the run's other files in default_root_dir.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            if getattr(logger, "class_path", "").endswith("WandbLogger") and logger.init_args.get("save_dir") is None:
+                logger.init_args.save_dir = trainer.default_root_dir or "."
+
+    def after_run(self) -> None:
+        """Print where the run's files and its W&B run are."""
+        trainer = self.trainer
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                experiment = logger.experiment
+                where = getattr(experiment, "dir", None)
+                print(f"W&B run: {Path(where).parent if where else logger.save_dir}"
+                      + (" (offline: upload later with `wandb sync <that folder>`)"
+                         if getattr(experiment.settings, "mode", "") == "offline" else ""))
+        print(f"Run folder: {run_dir(trainer)}")
+
+
+def cli_main(args: list[str] | None = None) -> TeaCLI:
+    """Run one LightningCLI subcommand and return the CLI (its trainer and model stay inspectable)."""
+    cli = TeaCLI(Detector, YoloDataModule, save_config_callback=RunConfig, seed_everything_default=0,
+                 trainer_defaults=trainer_defaults(), auto_configure_optimizers=False, args=args)
+    cli.after_run()
+    return cli
+
+
+def demo(argv: list[str]) -> None:
+    """Generate the synthetic data set, train YOLOv5n on it, validate the best checkpoint and say where it all is."""
+    from tea_lightning.data.synthetic import make_synthetic_dataset
+
+    parser = argparse.ArgumentParser(prog="tea-lightning demo", description=demo.__doc__)
+    parser.add_argument("--out", default="demo", help="folder for the data set and the run (default: demo)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    options = parser.parse_args(argv)
+    out = Path(options.out)
+    data_yaml = make_synthetic_dataset(out / "data", seed=0)
+    print(f"Synthetic data set written to {data_yaml.parent}")
+    common = ["--config", str(CONFIG_DIR / "demo.yaml"), "--data.data_yaml", str(data_yaml),
+              "--trainer.default_root_dir", str(out / "runs")]
+    fit = cli_main(["fit", *common, "--trainer.max_epochs", str(options.epochs)])
+    best = fit.trainer.checkpoint_callback.best_model_path
+    print(f"Best checkpoint: {best}")
+    cli_main(["validate", *common, "--ckpt_path", best])
+
+
+def demo_data(argv: list[str]) -> None:
+    """Write the synthetic tea-bud data set (YOLO format) to a folder."""
+    from tea_lightning.data.synthetic import make_synthetic_dataset
+
+    parser = argparse.ArgumentParser(prog="tea-lightning demo-data", description=demo_data.__doc__)
+    parser.add_argument("out", help="folder to write images/, labels/ and data.yaml to")
+    parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--n-val", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    options = parser.parse_args(argv)
+    path = make_synthetic_dataset(options.out, n_train=options.n_train, n_val=options.n_val,
+                                  image_size=options.image_size, seed=options.seed)
+    print(f"Wrote {path}")
+
+
+EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `tea-lightning` command."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in EXTRA_COMMANDS:
+        EXTRA_COMMANDS[args[0]](args[1:])
+        return
+    if args and args[0] in ("-h", "--help"):
+        print("Also: " + ", ".join(f"tea-lightning {name} ({fn.__doc__.splitlines()[0]})"
+                                   for name, fn in EXTRA_COMMANDS.items()) + "\n")
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The LightningDataModule: a YOLO `data.yaml` in, training/validation/test/predict loaders out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from tea_lightning.data.dataset import EvalDataset, TrainDataset, collate
+from tea_lightning.data.labels import IMAGE_SUFFIXES, DataError, ImageRecord, SplitIndex, load_split, \
+    read_data_yaml, read_image_size
+from tea_lightning.data.transforms import Augmentation
+
+log = logging.getLogger(__name__)
+
+
+def _worker_init(_: int) -> None:
+    # OpenCV's own threads would fight the loader processes and the model for the same few cores.
+    cv2.setNumThreads(0)
+
+
+class YoloDataModule(pl.LightningDataModule):
+    """Loads a YOLO data set (boxes or polygons) described by a `data.yaml`.
+
+    Args:
+        data_yaml: path of the YOLO data.yaml (train, val, optional test, names).
+        img_size: training size and longest side of validation images (a multiple of 32).
+        batch_size: images per batch and process (validation uses twice as many, like YOLOv5).
+        workers: loader processes per training process.
+        augmentation: YOLOv5's augmentation strengths (`hyp.scratch-low.yaml` by default).
+        cache_dir: where label checks are cached (default ~/.cache/tea-lightning or $TEA_LIGHTNING_CACHE).
+        predict_source: an image file or folder for `predict`.
+    """
+
+    def __init__(self, data_yaml: str, img_size: int = 640, batch_size: int = 16, workers: int = 2,
+                 augmentation: Augmentation = Augmentation(), cache_dir: str | None = None,
+                 predict_source: str | None = None):
+        super().__init__()
+        if img_size % 32:
+            raise DataError(f"--data.img_size {img_size} must be a multiple of 32 (the model's largest stride).")
+        self.spec = read_data_yaml(data_yaml)
+        self.img_size, self.batch_size, self.workers = img_size, batch_size, workers
+        self.augmentation = augmentation
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.predict_source = predict_source
+        self.indexes: dict[str, SplitIndex] = {}
+
+    @property
+    def nc(self) -> int:
+        """Return the number of classes."""
+        return self.spec.nc
+
+    @property
+    def names(self) -> list[str]:
+        """Return the class names."""
+        return self.spec.names
+
+    def split(self, name: str) -> SplitIndex:
+        """Return the checked index of a split, reporting its problems once."""
+        if name not in self.indexes:
+            index = load_split(self.spec, name, self.cache_dir)
+            rank_zero_info(index.summary(name, self.names))
+            self.indexes[name] = index
+        return self.indexes[name]
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.workers,
+                          collate_fn=collate, worker_init_fn=_worker_init, persistent_workers=self.workers > 0,
+                          pin_memory=False, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        """Return the augmented, shuffled training loader."""
+        return self._loader(TrainDataset(self.split("train").records, self.img_size, self.augmentation),
+                            self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Return the validation loader (rectangular letterbox, no augmentation)."""
+        return self._loader(EvalDataset(self.split("val").records, self.img_size), self.batch_size * 2, False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Return the test loader: the `test` split, or `val` when the yaml has none."""
+        name = "test" if "test" in self.spec.splits else "val"
+        return self._loader(EvalDataset(self.split(name).records, self.img_size), self.batch_size * 2, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Return a loader over `predict_source` (an image or a folder), or over the validation split."""
+        if self.predict_source is None:
+            records = self.split("val").records
+        else:
+            records = _unlabelled_records(Path(self.predict_source))
+        return self._loader(EvalDataset(records, self.img_size), self.batch_size, False)
+
+    def dataset_info(self) -> dict:
+        """Return what the run config records about the data: yaml, classes and image counts."""
+        return {"data_yaml": str(self.spec.yaml_path), "nc": self.nc, "names": self.names,
+                "img_size": self.img_size, "batch_size": self.batch_size}
+
+
+def _unlabelled_records(source: Path) -> list[ImageRecord]:
+    """Return records without boxes for every readable image at `source`; unreadable ones are skipped loudly."""
+    if source.is_dir():
+        images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif source.is_file():
+        images = [source]
+    else:
+        raise DataError(f"--data.predict_source {source} does not exist: give an image file or a folder of images.")
+    records = []
+    for image in images:
+        try:
+            height, width = read_image_size(image)
+        except Exception as err:  # PIL raises many types for corrupt files
+            log.warning("Skipping unreadable image %s (%s)", image, err)
+            continue
+        records.append(ImageRecord(image, height, width, np.zeros((0, 5), np.float32), "none"))
+    if not records:
+        raise DataError(f"no readable image in --data.predict_source {source}.")
+    return records

@@ -1,0 +1,223 @@
+"""The LightningModule: a YOLOv5 model trained with YOLOv5's recipe and validated with torchmetrics."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from tea_lightning.metrics import DetectionMetrics, plot_curves
+from tea_lightning.model.complexity import count_parameters, gflops
+from tea_lightning.model.postprocess import non_max_suppression, unletterbox_boxes
+from tea_lightning.model.recipe import ExponentialMovingAverage, Recipe, apply_schedule, build_optimizer, \
+    warmup_iterations
+from tea_lightning.model.weights import build_model, read_yolov5_state_dict, transfer_weights
+from tea_lightning.rundir import run_dir
+
+log = logging.getLogger(__name__)
+
+LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
+
+
+def fitness(map50: float, map50_95: float) -> float:
+    """Return YOLOv5's model-selection score: 0.1 mAP50 + 0.9 mAP50-95."""
+    return 0.1 * map50 + 0.9 * map50_95
+
+
+class Detector(pl.LightningModule):
+    """YOLOv5 detector with YOLOv5's training recipe and COCO-style validation.
+
+    Args:
+        model_cfg: a YOLOv5 model yaml: yolov5n.yaml, yolov5s.yaml, yolov5m.yaml (from the yolov5 package) or a path.
+        nc: number of classes (linked from the data module by the CLI).
+        names: class names (linked from the data module by the CLI).
+        weights: an official YOLOv5 `.pt` whose matching tensors initialise the model.
+        img_size: training image size (linked from the data module); scales the objectness gain.
+        batch_size: images per batch and process (linked from the data module); sets accumulation.
+        recipe: optimisation and loss hyperparameters (YOLOv5 defaults).
+        ema: keep YOLOv5's EMA of the weights for validation and checkpoints.
+        conf_thres, iou_thres, max_det: NMS settings of validation and prediction.
+        plots: write precision/recall/F1/PR curves at the end of validation.
+    """
+
+    def __init__(self, model_cfg: str = "yolov5n.yaml", nc: int = 80, names: list[str] | None = None,
+                 weights: str | None = None, img_size: int = 640, batch_size: int = 16,
+                 recipe: Recipe = Recipe(), ema: bool = True, conf_thres: float = 0.001,
+                 iou_thres: float = 0.6, max_det: int = 300, plots: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self.recipe = recipe
+        self.names = list(names) if names else [str(i) for i in range(nc)]
+        if len(self.names) != nc:
+            raise ValueError(f"--model.names has {len(self.names)} entries but --model.nc is {nc}.")
+        self.model = build_model(model_cfg, nc)
+        if weights:
+            transferred, total = transfer_weights(self.model, read_yolov5_state_dict(weights))
+            rank_zero_info(f"Transferred {transferred}/{total} tensors from {weights}"
+                           + ("" if transferred == total else " (the rest, e.g. a head for other classes, "
+                                                              "keeps its fresh initialisation)"))
+        self._attach_loss_hyperparameters()
+        self.automatic_optimization = False  # YOLOv5's accumulation changes during warmup; see training_step
+        self.metrics = DetectionMetrics(nc)
+        self.last_optimizer_step = -1
+        self.plot_paths: list[Path] = []
+
+    def _attach_loss_hyperparameters(self) -> None:
+        head = self.model.model[-1]
+        self.model.hyp = self.recipe.loss_hyperparameters(self.hparams.nc, head.nl, self.hparams.img_size)
+        self._compute_loss = None  # built lazily on the right device
+
+    @property
+    def compute_loss(self):
+        """Return YOLOv5's ComputeLoss for the model as it is now (rebuilt after the model changes device)."""
+        from yolov5.utils.loss import ComputeLoss
+
+        if self._compute_loss is None or self._compute_loss.device != self.device:
+            self._compute_loss = ComputeLoss(self.model)
+        return self._compute_loss
+
+    def configure_callbacks(self):
+        """Return the EMA callback that is part of the recipe."""
+        if not self.hparams.ema:
+            return []
+        return [ExponentialMovingAverage(self.recipe.ema_decay, self.recipe.ema_tau)]
+
+    def configure_optimizers(self):
+        """Return SGD (or AdamW) over YOLOv5's parameter groups; the schedule is applied per batch."""
+        return build_optimizer(self.model, self.recipe, self.hparams.batch_size, self.trainer.world_size)
+
+    def forward(self, images: torch.Tensor):
+        """Return the model's raw output for uint8 or float images in [0, 1]."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        return self.model(images)
+
+    def model_summary(self) -> dict:
+        """Return the parameter count and GFLOPs at the training image size."""
+        return {"model/params": count_parameters(self.model),
+                "model/GFLOPs": gflops(self.model, self.hparams.img_size)}
+
+    def on_fit_start(self) -> None:
+        summary = self.model_summary()
+        rank_zero_info(f"{Path(self.hparams.model_cfg).stem}: {summary['model/params']:,} parameters, "
+                       f"{summary['model/GFLOPs']:.2f} GFLOPs at {self.hparams.img_size}")
+        for logger in self.loggers:
+            logger.log_hyperparams({**summary, "recipe": self.recipe.as_dict()})
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Run one batch of YOLOv5's loop: schedule, forward, loss, backward and (every `accumulate`) a step."""
+        optimizer = self.optimizers()
+        batches = self.trainer.num_training_batches
+        iteration = batch_idx + batches * self.current_epoch
+        accumulate = apply_schedule(optimizer.optimizer, self.recipe, iteration, self.current_epoch,
+                                    self.trainer.max_epochs, warmup_iterations(batches, self.recipe),
+                                    self.hparams.batch_size, self.trainer.world_size)
+        loss, items = self.compute_loss(self(batch["images"]), batch["targets"])
+        # YOLOv5's loss is a sum over the batch; DDP averages gradients, so scaling by the world size keeps the
+        # step equal to one process with the whole batch.
+        self.manual_backward(loss * self.trainer.world_size)
+        if iteration - self.last_optimizer_step >= accumulate:
+            optimizer.step()
+            optimizer.zero_grad()
+            self.last_optimizer_step = iteration
+        batch_size = len(batch["images"])
+        for name, value in zip(LOSS_NAMES, items):
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", optimizer.optimizer.param_groups[1]["lr"], on_step=True, on_epoch=False,
+                 batch_size=batch_size)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this after unscaling mixed-precision gradients, the right moment to clip them.
+        self.clip_gradients(optimizer, gradient_clip_val=self.recipe.grad_clip_norm, gradient_clip_algorithm="norm")
+
+    # ---- evaluation -------------------------------------------------------------------------------------------
+    def _detect(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Return detections per image in original-image pixels, and the loss items when targets are given."""
+        inference, raw = self(batch["images"])
+        loss_items = None
+        if len(batch["targets"]):
+            loss_items = self.compute_loss([r.float() for r in raw], batch["targets"])[1]
+        detections = non_max_suppression(inference, self.hparams.conf_thres, self.hparams.iou_thres,
+                                         self.hparams.max_det)
+        for i, det in enumerate(detections):
+            det[:, :4] = unletterbox_boxes(det[:, :4], batch["ratios"][i], batch["pads"][i],
+                                           batch["original_shapes"][i])
+        return detections, loss_items
+
+    def _targets_in_original_pixels(self, batch: dict) -> list[dict]:
+        height, width = batch["images"].shape[2:]
+        targets = []
+        for i in range(len(batch["images"])):
+            t = batch["targets"][batch["targets"][:, 0] == i]
+            boxes = t[:, 2:6] * torch.tensor([width, height, width, height], device=t.device)
+            boxes = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=1)
+            boxes = unletterbox_boxes(boxes, batch["ratios"][i], batch["pads"][i], batch["original_shapes"][i])
+            targets.append({"boxes": boxes, "labels": t[:, 1].long()})
+        return targets
+
+    def _evaluation_step(self, batch: dict, stage: str) -> None:
+        detections, loss_items = self._detect(batch)
+        preds = [{"boxes": d[:, :4], "scores": d[:, 4], "labels": d[:, 5].long()} for d in detections]
+        self.metrics.update(preds, self._targets_in_original_pixels(batch))
+        if loss_items is not None:
+            for name, value in zip(LOSS_NAMES, loss_items):
+                self.log(f"{stage}/{name}", value, on_epoch=True, batch_size=len(batch["images"]), sync_dist=True)
+
+    def _evaluation_epoch_end(self, stage: str) -> None:
+        results = self.metrics.compute()
+        self.metrics.reset()
+        summary = {key: float(results[key]) for key in ("mAP50", "mAP50-95", "precision", "recall", "f1")}
+        summary["fitness"] = fitness(summary["mAP50"], summary["mAP50-95"])
+        for key, value in summary.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("mAP50", "mAP50-95"))
+        for name, ap50, ap in zip(self.names, results["ap50_per_class"], results["ap_per_class"]):
+            self.log(f"{stage}/AP50/{name}", float(ap50))
+            self.log(f"{stage}/AP50-95/{name}", float(ap))
+        if self.hparams.plots and self._should_plot():
+            self._write_plots(results["curves"], stage)
+
+    def _should_plot(self) -> bool:
+        """Return whether this evaluation is worth plots: any validate/test, and the last epoch of a fit."""
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return False
+        fitting = self.trainer.state.fn == "fit"
+        return not fitting or self.current_epoch + 1 >= self.trainer.max_epochs
+
+    def _write_plots(self, curves, stage: str) -> None:
+        out_dir = run_dir(self.trainer) / "plots" / stage
+        self.plot_paths = plot_curves(curves, self.names, out_dir)
+        rank_zero_info(f"Plots written to {out_dir}")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # W&B shows them as images in the run
+                logger.log_image(key=f"{stage}/curves", images=[str(p) for p in self.plot_paths],
+                                 caption=[p.stem for p in self.plot_paths])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Return per image its path, original size and detections [x1, y1, x2, y2, conf, class] in pixels."""
+        detections, _ = self._detect({**batch, "targets": batch["targets"][:0]})
+        return [{"path": path, "original_shape": tuple(int(v) for v in shape), "detections": det.cpu()}
+                for path, shape, det in zip(batch["paths"], batch["original_shapes"], detections)]
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["last_optimizer_step"] = self.last_optimizer_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.last_optimizer_step = checkpoint.get("last_optimizer_step", -1)

@@ -1,0 +1,91 @@
+"""Build YOLOv5 models from their yaml and transfer weights from official YOLOv5 `.pt` checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The yolov5 package would otherwise ask GitHub for updates and download a font on first plot.
+os.environ.setdefault("YOLOv5_AUTOINSTALL", "false")
+os.environ.setdefault("YOLOv5_VERBOSE", "false")
+
+
+class ModelConfigError(ValueError):
+    """A model yaml or weights file that cannot be used; the message says which and what to do."""
+
+
+def yolov5_package_dir() -> Path:
+    """Return the folder of the installed `yolov5` package."""
+    import yolov5
+
+    return Path(yolov5.__file__).parent
+
+
+def resolve_model_yaml(name: str) -> Path:
+    """Return the path of a model yaml: an existing file, or one of the yolov5 package's (yolov5n.yaml, ...)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    packaged = yolov5_package_dir() / "models" / path.name
+    if packaged.is_file():
+        return packaged
+    available = sorted(p.name for p in (yolov5_package_dir() / "models").glob("yolov5*.yaml"))
+    raise ModelConfigError(f"--model.model_cfg {name}: no such file, nor a yolov5 model yaml. "
+                           f"Give a path to a YOLOv5 model yaml or one of: {', '.join(available)}.")
+
+
+@contextlib.contextmanager
+def _quiet_yolov5():
+    """Silence the yolov5 package's layer table while a model is built."""
+    logger = logging.getLogger("yolov5")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def build_model(model_cfg: str, nc: int) -> nn.Module:
+    """Return a freshly initialised `yolov5.models.yolo.Model` with `nc` classes."""
+    from yolov5.models.yolo import Model
+
+    with _quiet_yolov5():
+        return Model(str(resolve_model_yaml(model_cfg)), ch=3, nc=nc)
+
+
+def read_yolov5_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Return the float32 weights of an official YOLOv5 `.pt` (its EMA if present, else its model).
+
+    These files are pickled model objects: loading them runs code from the file (weights_only=False), so only
+    files from a source you trust should be given.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelConfigError(f"--model.weights {path} does not exist: give the path of a YOLOv5 .pt file.")
+    import yolov5.models.yolo  # noqa: F401  puts the package's `models` on sys.path so the pickle resolves
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file raises one of many types
+        raise ModelConfigError(f"--model.weights {path} could not be read as a YOLOv5 checkpoint: {err}") from err
+    model = checkpoint.get("ema") or checkpoint.get("model") if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(model, nn.Module):
+        raise ModelConfigError(f"--model.weights {path} holds no YOLOv5 model (keys: {list(checkpoint)[:8]}). "
+                               "Lightning .ckpt files are given with --ckpt_path instead.")
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Copy every tensor whose name and shape match into `model`; return (transferred, total) counts."""
+    target = model.state_dict()
+    matching = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
+    model.load_state_dict(matching, strict=False)
+    return len(matching), len(target)

@@ -1,0 +1,71 @@
+"""Writes what `predict` finds: each image with its boxes drawn, and a YOLO-format text file per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_info
+
+from tea_lightning.data.transforms import read_rgb
+from tea_lightning.rundir import run_dir
+
+# Distinct colours (BGR) for up to ten classes, then they repeat.
+PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
+           (23, 204, 146), (134, 219, 61), (211, 188, 0), (255, 115, 100)]
+
+
+class DetectionWriter(BasePredictionWriter):
+    """Saves `<output_dir>/images/<name>.jpg` with boxes and `<output_dir>/labels/<name>.txt` (`cls cx cy w h`,
+    normalised, plus the confidence with `save_conf`) for detections at or above `conf_thres`."""
+
+    def __init__(self, output_dir: str | None = None, conf_thres: float = 0.25, save_conf: bool = False):
+        super().__init__(write_interval="batch")
+        self.output_dir, self.conf_thres, self.save_conf = output_dir, conf_thres, save_conf
+
+    def _root(self, trainer) -> Path:
+        return Path(self.output_dir or run_dir(trainer) / "predictions")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        root = self._root(trainer)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labels").mkdir(parents=True, exist_ok=True)
+        names = getattr(pl_module, "names", None)
+        for item in prediction:
+            det = item["detections"].numpy()
+            det = det[det[:, 4] >= self.conf_thres]
+            path = Path(item["path"])
+            height, width = item["original_shape"]
+            (root / "labels" / f"{path.stem}.txt").write_text(self._label_lines(det, width, height))
+            cv2.imwrite(str(root / "images" / f"{path.stem}.jpg"), self._draw(path, det, names))
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        rank_zero_info(f"Predictions written to {self._root(trainer)}")
+
+    def _label_lines(self, det: np.ndarray, width: int, height: int) -> str:
+        lines = []
+        for x1, y1, x2, y2, conf, cls in det:
+            values = [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
+            line = f"{int(cls)} " + " ".join(f"{v:.6f}" for v in values)
+            lines.append(line + (f" {conf:.4f}" if self.save_conf else ""))
+        return "\n".join(lines) + ("\n" if lines else "")
+
+    @staticmethod
+    def _draw(path: Path, det: np.ndarray, names: list[str] | None) -> np.ndarray:
+        image = cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2BGR)
+        thickness = max(1, round(sum(image.shape[:2]) / 2 * 0.003))
+        for x1, y1, x2, y2, conf, cls in det:
+            colour = PALETTE[int(cls) % len(PALETTE)]
+            p1, p2 = (int(x1), int(y1)), (int(x2), int(y2))
+            cv2.rectangle(image, p1, p2, colour, thickness, cv2.LINE_AA)
+            label = f"{names[int(cls)] if names else int(cls)} {conf:.2f}"
+            scale = thickness / 3
+            (w, h), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, max(thickness - 1, 1))
+            top = p1[1] - h - 3 if p1[1] - h - 3 >= 0 else p1[1] + h + 3
+            cv2.rectangle(image, (p1[0], top), (p1[0] + w, p1[1]), colour, -1, cv2.LINE_AA)
+            cv2.putText(image, label, (p1[0], max(p1[1] - 2, h)), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                        (255, 255, 255), max(thickness - 1, 1), cv2.LINE_AA)
+        return image

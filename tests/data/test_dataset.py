@@ -1,0 +1,108 @@
+"""Datasets and transforms: letterbox geometry as YOLOv5 does it, augmentation that keeps boxes on their objects."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tea_lightning.data.dataset import EvalDataset, TrainDataset, collate
+from tea_lightning.data.labels import ImageRecord
+from tea_lightning.data.transforms import Augmentation, letterbox, rect_shape
+from tea_lightning.model.postprocess import unletterbox_boxes
+
+NO_AUGMENTATION = Augmentation(mosaic=0, scale=0, translate=0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0)
+
+
+def square_image(tmp_path, name, size_hw, box_xyxy):
+    """Write a grey image with one red rectangle; return its record with the matching YOLO box."""
+    h, w = size_hw
+    pixels = np.full((h, w, 3), 60, np.uint8)
+    x1, y1, x2, y2 = box_xyxy
+    pixels[y1:y2, x1:x2] = (255, 0, 0)
+    path = tmp_path / f"{name}.png"
+    Image.fromarray(pixels).save(path)
+    box = [0, (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
+    return ImageRecord(path, h, w, np.array([box], np.float32), "box")
+
+
+def red_pixels_box(image_chw: torch.Tensor) -> np.ndarray:
+    """Return the xyxy box around the red pixels of a (3, H, W) uint8 image."""
+    r, g, b = image_chw.numpy().astype(int)
+    ys, xs = np.nonzero((r > 180) & (g < 90) & (b < 90))
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
+
+
+def yolo_to_xyxy(label, w, h):
+    _, cx, cy, bw, bh = label.tolist()
+    return np.array([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+
+
+@pytest.mark.parametrize("hw, expected", [((512, 512), (672, 672)), ((480, 640), (512, 672)),
+                                          ((640, 480), (672, 512))])
+def test_rect_shape_matches_yolov5_rect_batches(hw, expected):
+    assert rect_shape(*hw, img_size=640) == expected
+
+
+def test_letterbox_pads_around_the_centre_and_never_upscales():
+    image = np.zeros((100, 201, 3), np.uint8)
+    out, ratio, (dw, dh) = letterbox(image, (160, 224))
+    assert out.shape == (160, 224, 3) and ratio == 1.0
+    assert (dw, dh) == (11.5, 30.0)
+    assert (out[:30] == 114).all() and (out[130:] == 114).all()
+
+
+def test_eval_sample_boxes_map_back_to_the_original_image(tmp_path):
+    record = square_image(tmp_path, "a", (300, 500), (100, 50, 180, 120))
+    sample = EvalDataset([record], img_size=640)[0]
+    assert tuple(sample.image.shape[1:]) == rect_shape(300, 500, 640)
+    h, w = sample.image.shape[1:]
+    letterboxed = torch.tensor(yolo_to_xyxy(sample.labels[0], w, h))[None]
+    np.testing.assert_allclose(letterboxed[0], red_pixels_box(sample.image), atol=1.5)
+    back = unletterbox_boxes(letterboxed, sample.ratio, torch.tensor(sample.pad), torch.tensor([300, 500]))
+    np.testing.assert_allclose(back[0], [100, 50, 180, 120], atol=1e-3)
+
+
+def test_eval_dataset_orders_images_by_aspect_ratio(tmp_path):
+    records = [square_image(tmp_path, n, hw, (1, 1, 5, 5)) for n, hw in
+               [("wide", (100, 300)), ("tall", (300, 100)), ("square", (200, 200))]]
+    assert [r.image.stem for r in EvalDataset(records, 128).records] == ["wide", "square", "tall"]
+
+
+def test_training_without_augmentation_is_a_letterbox(tmp_path):
+    record = square_image(tmp_path, "a", (120, 200), (20, 30, 60, 90))
+    sample = TrainDataset([record], 160, NO_AUGMENTATION)[0]
+    assert tuple(sample.image.shape) == (3, 160, 160)
+    np.testing.assert_allclose(yolo_to_xyxy(sample.labels[0], 160, 160), red_pixels_box(sample.image), atol=1.5)
+
+
+def test_augmented_boxes_stay_on_their_objects(tmp_path):
+    records = [square_image(tmp_path, f"img{i}", (200, 200), (70 + i, 60, 130, 140 - i)) for i in range(4)]
+    dataset = TrainDataset(records, 160, Augmentation(mosaic=0.0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0.5))
+    checked = 0
+    for i in range(12):
+        sample = dataset[i % 4]
+        if len(sample.labels) == 1 and sample.labels[0, 3] * 160 > 8:  # whole object in view
+            np.testing.assert_allclose(yolo_to_xyxy(sample.labels[0], 160, 160), red_pixels_box(sample.image),
+                                       atol=3)
+            checked += 1
+    assert checked >= 6
+
+
+def test_mosaic_combines_images_and_keeps_boxes_inside(tmp_path):
+    records = [square_image(tmp_path, f"img{i}", (100, 100), (30, 30, 70, 70)) for i in range(6)]
+    dataset = TrainDataset(records, 128, Augmentation())
+    counts = [len(dataset[i % 6].labels) for i in range(10)]
+    assert max(counts) >= 2  # several source images in one sample
+    labels = torch.cat([dataset[i % 6].labels for i in range(10)])
+    assert ((labels[:, 1:] >= 0) & (labels[:, 1:] <= 1)).all()
+
+
+def test_collate_pads_to_the_largest_image_and_renormalises_targets(tmp_path):
+    small = square_image(tmp_path, "small", (100, 300), (30, 20, 90, 60))
+    large = square_image(tmp_path, "large", (300, 300), (30, 20, 90, 60))
+    samples = [EvalDataset([r], 128)[0] for r in (small, large)]
+    batch = collate(samples)
+    H, W = batch["images"].shape[2:]
+    assert (H, W) == (max(s.image.shape[1] for s in samples), max(s.image.shape[2] for s in samples))
+    first = batch["targets"][batch["targets"][:, 0] == 0][0, 1:]
+    np.testing.assert_allclose(yolo_to_xyxy(first, W, H), red_pixels_box(batch["images"][0]), atol=1.5)
