@@ -29,7 +29,7 @@ def trainer_defaults() -> dict:
     return {
         "default_root_dir": "runs",
         "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",
-                   "init_args": {"project": "tea-lightning", "offline": True, "save_dir": None}},
+                   "init_args": {"project": "tea-lightning", "offline": True}},
         "callbacks": [
             ModelCheckpoint(monitor="val/fitness", mode="max", filename="best", save_last=True,
                             auto_insert_metric_name=False),
@@ -65,13 +65,15 @@ class TeaCLI(LightningCLI):
         parser.link_arguments("data.batch_size", "model.batch_size")
 
     def before_instantiate_classes(self) -> None:
-        # W&B writes its run folder under save_dir; keep it with the run's other files in default_root_dir.
+        # Loggers write under save_dir (W&B's default is the working folder); unless one is given, keep a run's
+        # logs with its checkpoints and plots in default_root_dir.
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
-            if getattr(logger, "class_path", "").endswith("WandbLogger") and logger.init_args.get("save_dir") is None:
-                logger.init_args.save_dir = trainer.default_root_dir or "."
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and init_args.get("save_dir") in (None, ".", ""):
+                init_args.save_dir = trainer.default_root_dir or "."
 
     def after_run(self) -> None:
         """Print where the run's files and its W&B run are."""

@@ -18,9 +18,10 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchmetrics.utilities import dim_zero_cat
 from torchvision.ops import box_iou
 
-__all__ = ["ConfidenceCurves", "CurveResult", "DetectionMetrics"]
+__all__ = ["ConfidenceCurves", "CurveResult", "DetectionMetrics", "compute_curves", "match_predictions"]
 
 NUM_CURVE_POINTS = 1000
+# Keeps F1 at 0 instead of NaN where precision and recall are both 0.
 _EPS = 1e-16
 
 
@@ -162,7 +163,7 @@ def compute_curves(
         pr_curve[k] = np.interp(px, *_precision_envelope(recall[:, 0], precision[:, 0]))
 
     f1_curve = 2 * precision_curve * recall_curve / (precision_curve + recall_curve + _EPS)
-    best = int(_smooth(f1_curve.mean(0), 0.05).argmax()) if num_classes else 0
+    best = int(_smooth(f1_curve.mean(0), 0.1).argmax()) if num_classes else 0
     conf = float(px[best])
 
     kept = scores >= conf
@@ -228,14 +229,11 @@ class ConfidenceCurves(Metric):
             return
         thresholds = _iou_thresholds(self.device)
         # One entry per batch rather than per image keeps the state lists short over an epoch.
-        self.correct.append(
-            torch.cat(
-                [
-                    match_predictions(p["boxes"], p["scores"], p["labels"], t["boxes"], t["labels"], thresholds)
-                    for p, t in zip(preds, targets)
-                ]
-            )
-        )
+        matched = [
+            match_predictions(p["boxes"], p["scores"], p["labels"], t["boxes"], t["labels"], thresholds)
+            for p, t in zip(preds, targets)
+        ]
+        self.correct.append(torch.cat(matched))
         self.scores.append(torch.cat([p["scores"].float().reshape(-1) for p in preds]))
         self.pred_labels.append(torch.cat([p["labels"].long().reshape(-1) for p in preds]))
         self.target_labels.append(torch.cat([t["labels"].long().reshape(-1) for t in targets]))

@@ -126,7 +126,7 @@ class Detector(pl.LightningModule):
             self.last_optimizer_step = iteration
         batch_size = len(batch["images"])
         for name, value in zip(LOSS_NAMES, items):
-            self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", optimizer.optimizer.param_groups[1]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
         return loss
@@ -194,8 +194,8 @@ class Detector(pl.LightningModule):
         rank_zero_info(f"Plots written to {out_dir}")
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # W&B shows them as images in the run
-                logger.log_image(key=f"{stage}/curves", images=[str(p) for p in self.plot_paths],
-                                 caption=[p.stem for p in self.plot_paths])
+                for path in self.plot_paths:
+                    logger.log_image(key=f"{stage}/{path.stem}", images=[str(path)])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")

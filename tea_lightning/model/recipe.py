@@ -26,6 +26,7 @@ class Recipe:
     momentum: float = 0.937
     weight_decay: float = 0.0005
     warmup_epochs: float = 3.0
+    warmup_min_iterations: int = 100
     warmup_momentum: float = 0.8
     warmup_bias_lr: float = 0.1
     cos_lr: bool = False
@@ -101,8 +102,8 @@ def lr_factor(epoch: int, epochs: int, recipe: Recipe) -> float:
 
 
 def warmup_iterations(batches_per_epoch: int, recipe: Recipe) -> int:
-    """Return the number of warmup iterations: max(warmup_epochs epochs, 100 iterations)."""
-    return max(round(recipe.warmup_epochs * batches_per_epoch), 100)
+    """Return the number of warmup iterations: max(warmup_epochs epochs, warmup_min_iterations)."""
+    return max(round(recipe.warmup_epochs * batches_per_epoch), recipe.warmup_min_iterations)
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, iteration: int, epoch: int, epochs: int,

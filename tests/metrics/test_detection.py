@@ -114,7 +114,10 @@ def assert_same_curves(a: CurveResult, b: CurveResult):
 
 def test_perfect_predictions():
     targets = [target([[0, 0, 100, 100], [200, 200, 300, 300]], [0, 1]), target([[50, 50, 150, 150]], [0])]
-    preds = [pred([[0, 0, 100, 100], [200, 200, 300, 300]], [0.9, 0.8], [0, 1]), pred([[50, 50, 150, 150]], [0.7], [0])]
+    preds = [
+        pred([[0, 0, 100, 100], [200, 200, 300, 300]], [0.9, 0.8], [0, 1]),
+        pred([[50, 50, 150, 150]], [0.7], [0]),
+    ]
     out = evaluate(preds, targets)
     assert out["mAP50"] == pytest.approx(1.0)
     assert out["mAP50-95"] == pytest.approx(1.0)
@@ -213,7 +216,12 @@ def test_target_goes_to_higher_scoring_prediction_like_yolov5():
     # higher-scoring one, not the higher-IoU one, while the IoU of the winner still passes.
     boxes = torch.tensor([[0.0, 0, 90, 100], [0, 0, 60, 100]])  # IoU 0.9 at score 0.5, IoU 0.6 at 0.9
     correct = match_predictions(
-        boxes, torch.tensor([0.5, 0.9]), torch.tensor([0, 0]), torch.tensor([[0.0, 0, 100, 100]]), torch.tensor([0]), IOU_THRESHOLDS
+        boxes,
+        torch.tensor([0.5, 0.9]),
+        torch.tensor([0, 0]),
+        torch.tensor([[0.0, 0, 100, 100]]),
+        torch.tensor([0]),
+        IOU_THRESHOLDS,
     )
     assert correct.int().tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]]
 
@@ -264,10 +272,14 @@ def test_matches_yolov5_reference():
     assert torch.cat(metric.correct).sum(0).tolist() == [50, 50, 50, 48, 39, 22, 12, 6, 3, 0]
     curves = metric.compute()
     np.testing.assert_array_equal(curves.classes, [0, 1, 2])
-    np.testing.assert_allclose(curves.class_precision, [0.6178833336526556, 0.4352061989837946, 0.5539415670196592], atol=1e-9)
-    np.testing.assert_allclose(curves.class_recall, [0.5021900389895243, 0.6363636363636364, 0.5555555555555556], atol=1e-9)
-    np.testing.assert_allclose(curves.class_f1, [0.5540616588108671, 0.516904060225864, 0.5547473873508116], atol=1e-9)
-    np.testing.assert_allclose(curves.ap50, [0.5915606465166712, 0.5131725490196078, 0.6130269332977496], atol=1e-9)
+    reference = {
+        "class_precision": [0.6178833336526556, 0.4352061989837946, 0.5539415670196592],
+        "class_recall": [0.5021900389895243, 0.6363636363636364, 0.5555555555555556],
+        "class_f1": [0.5540616588108671, 0.516904060225864, 0.5547473873508116],
+        "ap50": [0.5915606465166712, 0.5131725490196078, 0.6130269332977496],
+    }
+    for name, expected in reference.items():
+        np.testing.assert_allclose(getattr(curves, name), expected, atol=1e-9, err_msg=name)
     np.testing.assert_allclose(
         curves.ap.mean(1), [0.29570289327016297, 0.3268498979361098, 0.2979355240360769], atol=1e-9
     )
@@ -291,7 +303,9 @@ def test_ap50_close_to_coco_when_recall_is_complete():
         preds.append(
             {
                 "boxes": torch.cat([hits, false]),
-                "scores": torch.cat([0.5 + 0.5 * torch.rand(n, generator=g), 0.7 * torch.rand(2, generator=g)]),
+                "scores": torch.cat(
+                    [0.5 + 0.5 * torch.rand(n, generator=g), 0.7 * torch.rand(2, generator=g)]
+                ),
                 "labels": torch.cat([labels, torch.randint(0, 3, (2,), generator=g)]),
             }
         )
@@ -307,7 +321,8 @@ def test_ap50_close_to_coco_when_recall_is_complete():
 
 
 def test_no_predictions():
-    out = evaluate([pred([], [], []), pred([], [], [])], [target([[0, 0, 10, 10]], [0]), target([[5, 5, 20, 20]], [1])])
+    targets = [target([[0, 0, 10, 10]], [0]), target([[5, 5, 20, 20]], [1])]
+    out = evaluate([pred([], [], []), pred([], [], [])], targets)
     assert out["mAP50"] == 0.0
     assert out["mAP50-95"] == 0.0
     assert (out["precision"], out["recall"], out["f1"], out["conf"]) == (0.0, 0.0, 0.0, 0.0)
@@ -392,7 +407,9 @@ def test_reset_forgets_previous_updates():
 def test_distributed_gather_concatenates_states():
     # A fake two-rank all-gather where both ranks saw the same data must equal seeing the data twice.
     preds, targets = synthetic_tensors()
-    synced = ConfidenceCurves(dist_sync_fn=lambda x, group=None: [x, x], distributed_available_fn=lambda: True)
+    synced = ConfidenceCurves(
+        dist_sync_fn=lambda x, group=None: [x, x], distributed_available_fn=lambda: True
+    )
     synced.update(preds, targets)
     twice = ConfidenceCurves()
     twice.update(preds, targets)

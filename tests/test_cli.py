@@ -1,0 +1,94 @@
+"""End to end through the CLI: a short fit on synthetic data learns, its checkpoint validates to the same numbers,
+predict writes images and labels, and bad options fail clearly."""
+
+import csv
+
+import pytest
+import torch
+
+from tea_lightning.cli import cli_main, main
+from tests.conftest import YOLOV5N, need
+
+FAST = ["--model.model_cfg", "yolov5n.yaml", "--data.img_size", "128", "--data.batch_size", "8",
+        "--data.workers", "0", "--trainer.logger", "CSVLogger", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--model.recipe.nominal_batch_size", "8",
+        "--model.recipe.warmup_min_iterations", "4", "--model.recipe.warmup_epochs", "1", "--model.plots", "false"]
+
+
+def epoch_metrics(run_dir) -> list[dict]:
+    """Return the rows of metrics.csv that hold validation results, in epoch order."""
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    train = {int(r["epoch"]): float(r["train/box_loss"]) + float(r["train/obj_loss"]) + float(r["train/cls_loss"])
+             for r in rows if r.get("train/box_loss")}
+    return [{"epoch": int(r["epoch"]), "train_loss": train.get(int(r["epoch"])), "mAP50": float(r["val/mAP50"]),
+             "fitness": float(r["val/fitness"])} for r in rows if r.get("val/mAP50")]
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_yaml, tmp_path_factory):
+    """Fit YOLOv5n (COCO weights) on the synthetic set for a few epochs; return the CLI and its run folder."""
+    root = tmp_path_factory.mktemp("fit")
+    cli = cli_main(["fit", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights", str(need(YOLOV5N)),
+                    "--trainer.max_epochs", "12", "--trainer.default_root_dir", str(root)])
+    return cli, root / "version_0"
+
+
+def test_fit_lowers_the_loss_and_raises_map(trained):
+    _, run = trained
+    history = epoch_metrics(run)
+    assert len(history) == 12
+    first, last = history[0], history[-1]
+    assert last["train_loss"] < 0.8 * first["train_loss"]
+    assert last["mAP50"] > first["mAP50"] + 0.1
+
+
+def test_best_and_last_checkpoints_and_run_files_are_written(trained):
+    cli, run = trained
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "config.yaml").is_file()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "current_model_state" in checkpoint  # the EMA is the state_dict, the raw weights are kept beside it
+    assert cli.trainer.checkpoint_callback.best_model_path.endswith("best.ckpt")
+
+
+def test_best_checkpoint_validates_to_the_fitness_it_was_saved_with(trained, synthetic_yaml, tmp_path):
+    cli, run = trained
+    saved = float(cli.trainer.checkpoint_callback.best_model_score)
+    validation = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml),
+                           "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(run / "checkpoints" /
+                                                                                              "best.ckpt")])
+    assert validation.trainer.callback_metrics["val/fitness"].item() == pytest.approx(saved, abs=1e-6)
+    assert {"val/mAP50", "val/mAP50-95", "val/precision", "val/recall", "val/f1"} <= set(
+        validation.trainer.callback_metrics)
+
+
+def test_predict_writes_boxes_and_yolo_labels(trained, synthetic_yaml, tmp_path):
+    _, run = trained
+    images = synthetic_yaml.parent / "images" / "val"
+    cli_main(["predict", *FAST, "--data.data_yaml", str(synthetic_yaml), "--data.predict_source", str(images),
+              "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(run / "checkpoints" / "best.ckpt")])
+    (out,) = tmp_path.glob("version_*/predictions")
+    assert len(list((out / "images").glob("*.jpg"))) == len(list(images.glob("*.jpg")))
+    lines = [line.split() for f in (out / "labels").glob("*.txt") for line in f.read_text().splitlines()]
+    assert lines and all(len(v) == 5 and 0 <= float(v[1]) <= 1 for v in lines)
+
+
+def test_validate_with_official_weights_and_no_training(synthetic_yaml, tmp_path):
+    cli = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
+                    str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path), "--model.plots", "true"])
+    assert 0 <= cli.trainer.callback_metrics["val/mAP50"].item() <= 1
+    assert {p.name for p in tmp_path.glob("version_0/plots/val/*.png")} == {
+        "PR_curve.png", "P_curve.png", "R_curve.png", "F1_curve.png"}
+
+
+def test_unknown_model_yaml_names_the_option(synthetic_yaml, tmp_path):
+    with pytest.raises(ValueError, match="--model.model_cfg yolov5q.yaml.*yolov5n.yaml"):
+        cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.model_cfg", "yolov5q.yaml",
+                  "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_demo_data_command_writes_a_data_set(tmp_path, capsys):
+    main(["demo-data", str(tmp_path / "d"), "--n-train", "4", "--n-val", "2"])
+    assert (tmp_path / "d" / "data.yaml").is_file()
+    assert "data.yaml" in capsys.readouterr().out
