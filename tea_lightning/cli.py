@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
 from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
 from tea_lightning.model.detector import Detector  # noqa: E402
+from tea_lightning.model.speed import TrainingSpeed  # noqa: E402
 from tea_lightning.model.writer import DetectionWriter  # noqa: E402
 from tea_lightning.rundir import run_dir  # noqa: E402
 
@@ -24,7 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def trainer_defaults() -> dict:
     """Return what every run gets unless told otherwise: W&B offline logging (synced later with `wandb sync`),
-    best (by YOLOv5's fitness) and last checkpoints, and a writer for `predict`. Built anew for each run because
+    best (by YOLOv5's fitness) and last checkpoints, a writer for `predict` and the training speed. Built anew for each run because
     callbacks keep state."""
     return {
         "default_root_dir": "runs",
@@ -34,6 +35,7 @@ def trainer_defaults() -> dict:
             ModelCheckpoint(monitor="val/fitness", mode="max", filename="best", save_last=True,
                             auto_insert_metric_name=False),
             DetectionWriter(),
+            TrainingSpeed(),
         ],
     }
 

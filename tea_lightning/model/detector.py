@@ -14,7 +14,8 @@ from tea_lightning.model.complexity import count_parameters, gflops
 from tea_lightning.model.postprocess import non_max_suppression, unletterbox_boxes
 from tea_lightning.model.recipe import ExponentialMovingAverage, Recipe, apply_schedule, build_optimizer, \
     warmup_iterations
-from tea_lightning.model.weights import build_model, read_yolov5_state_dict, transfer_weights
+from tea_lightning.model.weights import build_model, read_weights, transfer_weights
+from tea_lightning.pruning.structure import resize_to_state_dict
 from tea_lightning.rundir import run_dir
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ class Detector(pl.LightningModule):
             raise ValueError(f"--model.names has {len(self.names)} entries but --model.nc is {nc}.")
         self.model = build_model(model_cfg, nc)
         if weights:
-            transferred, total = transfer_weights(self.model, read_yolov5_state_dict(weights))
+            state, ours = read_weights(weights)
+            if ours:  # our own checkpoint, pruned or not: take its architecture, then every tensor must fit
+                resize_to_state_dict(self.model, state)
+            transferred, total = transfer_weights(self.model, state)
             rank_zero_info(f"Transferred {transferred}/{total} tensors from {weights}"
                            + ("" if transferred == total else " (the rest, e.g. a head for other classes, "
                                                               "keeps its fresh initialisation)"))
@@ -220,4 +224,7 @@ class Detector(pl.LightningModule):
         checkpoint["last_optimizer_step"] = self.last_optimizer_step
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A pruned checkpoint's tensors are smaller than the yaml's: take their architecture before Lightning
+        # loads them, so that every pruned checkpoint reloads with no option beyond --ckpt_path.
+        resize_to_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
         self.last_optimizer_step = checkpoint.get("last_optimizer_step", -1)

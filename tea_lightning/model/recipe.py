@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 
 @dataclass
@@ -146,3 +148,23 @@ class ExponentialMovingAverage(WeightAveraging):
 
     def __init__(self, decay: float = 0.9999, tau: float = 2000.0):
         super().__init__(use_buffers=True, multi_avg_fn=ramped_ema(decay, tau))
+
+    def follow_structure(self, pl_module: pl.LightningModule) -> None:
+        """Restart the average from the module's current weights when its architecture changed (pruning), keeping
+        the update count so the decay ramp goes on where it was."""
+        if self._average_model is None or _same_shapes(self._average_model.module, pl_module):
+            return
+        updates = self._average_model.n_averaged.clone()
+        self._average_model = AveragedModel(pl_module, use_buffers=True, **self._kwargs)
+        self._average_model.n_averaged.copy_(updates)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # The module was resized to the checkpoint's (pruned) architecture before this hook; the average follows.
+        self.follow_structure(pl_module)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    """Return whether two modules hold tensors of the same names and shapes."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)

@@ -61,26 +61,30 @@ def build_model(model_cfg: str, nc: int) -> nn.Module:
         return Model(str(resolve_model_yaml(model_cfg)), ch=3, nc=nc)
 
 
-def read_yolov5_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Return the float32 weights of an official YOLOv5 `.pt` (its EMA if present, else its model).
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Return the float32 weights of an official YOLOv5 `.pt` (its EMA if present, else its model) or of a
+    tea-lightning `.ckpt` (its EMA weights), and whether they came from a tea-lightning checkpoint.
 
-    These files are pickled model objects: loading them runs code from the file (weights_only=False), so only
-    files from a source you trust should be given.
+    YOLOv5 `.pt` files are pickled model objects: loading them runs code from the file (weights_only=False), so
+    only files from a source you trust should be given.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ModelConfigError(f"--model.weights {path} does not exist: give the path of a YOLOv5 .pt file.")
+        raise ModelConfigError(f"--model.weights {path} does not exist: give the path of a YOLOv5 .pt file or a "
+                               "tea-lightning .ckpt.")
     import yolov5.models.yolo  # noqa: F401  puts the package's `models` on sys.path so the pickle resolves
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file raises one of many types
-        raise ModelConfigError(f"--model.weights {path} could not be read as a YOLOv5 checkpoint: {err}") from err
+        raise ModelConfigError(f"--model.weights {path} could not be read as a checkpoint: {err}") from err
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:  # a Lightning checkpoint of ours
+        prefix = "model."
+        return {k[len(prefix):]: v.float() for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}, True
     model = checkpoint.get("ema") or checkpoint.get("model") if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(model, nn.Module):
-        raise ModelConfigError(f"--model.weights {path} holds no YOLOv5 model (keys: {list(checkpoint)[:8]}). "
-                               "Lightning .ckpt files are given with --ckpt_path instead.")
-    return {k: v.float() for k, v in model.state_dict().items()}
+        raise ModelConfigError(f"--model.weights {path} holds neither a YOLOv5 model nor a Lightning state_dict.")
+    return {k: v.float() for k, v in model.state_dict().items()}, False
 
 
 def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> tuple[int, int]:

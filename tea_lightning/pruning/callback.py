@@ -1,0 +1,143 @@
+"""The ChannelPruning callback: structured pruning with torch-pruning at scheduled epochs, training in between."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from tea_lightning.model.recipe import ExponentialMovingAverage
+from tea_lightning.pruning.pruner import Importance, prune, ratio_for_macs, step_ratio
+
+
+class ChannelPruning(pl.Callback):
+    """Prunes output channels of the YOLOv5 model (torch-pruning's dependency graph) at scheduled epochs.
+
+    With one epoch in `schedule` (usually 0) the model is pruned once and then fine-tuned; with several, each step
+    removes part of the target so that the last one reaches it, with training in between. Under `validate`/`test`
+    the model is pruned once, to the whole target, before evaluation: how far mAP falls before any fine-tuning.
+
+    Args:
+        pruning_ratio: fraction of channels to remove (0 < r < 1); parameters and GFLOPs fall by about 1-(1-r)^2.
+        macs_reduction: instead of a channel ratio, the fraction of multiply-accumulates to remove.
+        schedule: epochs at whose start a pruning step runs.
+        importance: channel importance: l2 (default), l1, taylor, bn_scale, lamp, or random (a control).
+        global_pruning: rank channels across layers rather than removing the same share from each layer.
+        round_to: keep channel counts multiples of this (8 keeps pruned models fast); None to disable.
+        ignored_layers: module names (as in `model.named_modules()` of the YOLOv5 model, e.g. "model.0") left
+            alone; the Detect head's output convolutions always are.
+        max_layer_ratio: the largest share of any one layer's channels that may go.
+        seed: seed of the random criterion (the same on every process).
+    """
+
+    def __init__(self, pruning_ratio: float | None = 0.3, macs_reduction: float | None = None,
+                 schedule: list[int] = (0,), importance: Importance = "l2", global_pruning: bool = False,
+                 round_to: int | None = 8, ignored_layers: list[str] = (), max_layer_ratio: float = 0.9,
+                 seed: int = 0):
+        target = macs_reduction if macs_reduction is not None else pruning_ratio
+        option = "macs_reduction" if macs_reduction is not None else "pruning_ratio"
+        if target is None or not 0 < target < 1:
+            raise ValueError(f"--trainer.callbacks.{option} must be between 0 and 1 (exclusive), got {target}.")
+        if not schedule or sorted(set(schedule)) != list(schedule) or min(schedule) < 0:
+            raise ValueError(f"--trainer.callbacks.schedule must list increasing epochs >= 0, got {list(schedule)}.")
+        self.pruning_ratio, self.macs_reduction = pruning_ratio, macs_reduction
+        self.schedule = list(schedule)
+        self.prune_options = {"importance": importance, "global_pruning": global_pruning, "round_to": round_to,
+                              "ignored_names": list(ignored_layers), "max_layer_ratio": max_layer_ratio,
+                              "seed": seed}
+        self.steps_done = 0
+        self.channel_ratio: float | None = None  # resolved from macs_reduction on the unpruned model
+
+    # ---- state kept in checkpoints, so that resuming never prunes twice ----------------------------------------
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done, "channel_ratio": self.channel_ratio}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps_done = state_dict["steps_done"]
+        self.channel_ratio = state_dict["channel_ratio"]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.max_epochs is not None and self.schedule[-1] >= trainer.max_epochs:
+            raise ValueError(f"--trainer.callbacks.schedule has epoch {self.schedule[-1]} but training stops after "
+                             f"epoch {trainer.max_epochs - 1} (--trainer.max_epochs {trainer.max_epochs}); "
+                             "schedule the last pruning step earlier or train longer.")
+
+    # ---- when to prune -----------------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due = [e for e in self.schedule if e <= trainer.current_epoch]
+        while self.steps_done < len(due):
+            self._step(trainer, pl_module, step_ratio(self._target(pl_module), self.steps_done + 1,
+                                                      len(self.schedule)))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prune_once_for_evaluation(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prune_once_for_evaluation(trainer, pl_module)
+
+    def _prune_once_for_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn in ("validate", "test") and self.steps_done == 0:
+            self._step(trainer, pl_module, self._target(pl_module), steps=1)
+
+    # ---- one pruning step --------------------------------------------------------------------------------------
+    def _example(self, pl_module: pl.LightningModule) -> torch.Tensor:
+        size = pl_module.hparams.img_size
+        return torch.zeros(1, 3, size, size, device=pl_module.device)
+
+    def _target(self, pl_module: pl.LightningModule) -> float:
+        """Return the total channel ratio: the given one, or the one that removes `macs_reduction` of MACs."""
+        if self.macs_reduction is None:
+            return self.pruning_ratio
+        if self.channel_ratio is None:
+            self.channel_ratio = ratio_for_macs(pl_module.model, self._example(pl_module), self.macs_reduction,
+                                                **self.prune_options)
+        return self.channel_ratio
+
+    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, steps: int | None = None):
+        steps = steps or len(self.schedule)
+        before = pl_module.model_summary()
+        if self.prune_options["importance"] == "taylor":
+            _gradients_of_one_batch(trainer, pl_module)
+        # validate/test run under inference mode, where no autograd graph (the dependency graph's source) exists
+        with torch.inference_mode(False), torch.enable_grad():
+            result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options)
+        pl_module.model.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        after = pl_module.model_summary()
+        rank_zero_info(
+            f"Pruning step {self.steps_done}/{steps} at epoch {trainer.current_epoch}: channels -{ratio:.1%}, "
+            f"parameters {before['model/params']:,} -> {after['model/params']:,} "
+            f"({after['model/params'] / before['model/params'] - 1:+.1%}), GFLOPs {before['model/GFLOPs']:.2f} -> "
+            f"{after['model/GFLOPs']:.2f} ({result.macs_after / result.macs_before - 1:+.1%})")
+        for logger in trainer.loggers:
+            logger.log_metrics({**after, "model/pruning_steps": self.steps_done}, step=trainer.global_step)
+        if trainer.state.fn == "fit":
+            self._rebuild_training_state(trainer, pl_module)
+
+    @staticmethod
+    def _rebuild_training_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Point the optimizer, the EMA and (under DDP) the wrapper at the new parameters."""
+        strategy = trainer.strategy
+        if hasattr(strategy, "_setup_model") and strategy.model is not pl_module:
+            # DDP holds buckets of the old parameters: wrap the pruned module anew (private Lightning API, pinned
+            # by the pytorch-lightning version range and tested in tests/pruning/test_callback.py).
+            strategy.model = strategy._setup_model(pl_module)
+            strategy._register_ddp_hooks()
+        strategy.setup_optimizers(trainer)  # the recipe sets the learning rate per batch, so nothing is lost
+        for callback in trainer.callbacks:
+            if isinstance(callback, ExponentialMovingAverage):
+                callback.follow_structure(pl_module)
+
+
+def _gradients_of_one_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Leave the loss gradients of one batch on the parameters: Taylor importance is |weight x gradient|."""
+    datamodule = trainer.datamodule
+    loader = datamodule.train_dataloader() if trainer.state.fn == "fit" else datamodule.val_dataloader()
+    batch = pl_module.transfer_batch_to_device(next(iter(loader)), pl_module.device, 0)
+    pl_module.model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        was_training = pl_module.model.training
+        pl_module.model.train()
+        loss, _ = pl_module.compute_loss(pl_module(batch["images"]), batch["targets"])
+        loss.backward()
+        pl_module.model.train(was_training)

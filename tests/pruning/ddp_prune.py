@@ -1,0 +1,31 @@
+"""Run by test_callback.py: a 2-process DDP fit (gloo, CPU) that prunes at epoch 1; each rank saves its weights."""
+
+import sys
+from pathlib import Path
+
+import torch
+from pytorch_lightning import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tea_lightning.cli import cli_main  # noqa: E402
+from tea_lightning.pruning.callback import ChannelPruning  # noqa: E402
+from tests.test_cli import FAST  # noqa: E402
+
+
+class SaveWeights(Callback):
+    def on_fit_end(self, trainer, pl_module):
+        (pruning,) = [c for c in trainer.callbacks if isinstance(c, ChannelPruning)]
+        # Parameters only: DDP broadcasts BatchNorm statistics at the start of each forward, so after the last
+        # batch every rank holds the statistics of its own images.
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.model.named_parameters()}
+        state["steps_done"] = torch.tensor(pruning.steps_done)
+        torch.save(state, Path(sys.argv[3]) / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    data, weights, out = sys.argv[1:4]
+    cli_main(["fit", *FAST, "--data.data_yaml", data, "--model.weights", weights, "--trainer.max_epochs", "3",
+              "--trainer.default_root_dir", out, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+              "--trainer.strategy", "ddp", "--trainer.callbacks+=tea_lightning.ChannelPruning",
+              "--trainer.callbacks.pruning_ratio", "0.3", "--trainer.callbacks.schedule", "[1]",
+              "--trainer.callbacks+=tests.pruning.ddp_prune.SaveWeights"])

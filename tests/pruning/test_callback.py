@@ -1,0 +1,128 @@
+"""ChannelPruning during training: scheduled steps, optimizer/EMA rebuilt, pruned checkpoints that reload,
+resume after a step, evaluation-only pruning, bf16 and DDP."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tea_lightning.cli import cli_main
+from tea_lightning.model.complexity import count_parameters
+from tea_lightning.model.recipe import ExponentialMovingAverage
+from tea_lightning.pruning.callback import ChannelPruning
+from tests.conftest import YOLOV5N, need
+from tests.test_cli import FAST
+
+PRUNE = ["--trainer.callbacks+=tea_lightning.ChannelPruning", "--trainer.callbacks.pruning_ratio", "0.3"]
+
+
+def fit(synthetic_yaml, root, *extra):
+    return cli_main(["fit", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights", str(need(YOLOV5N)),
+                     "--trainer.default_root_dir", str(root), *extra])
+
+
+def pruning_callback(cli) -> ChannelPruning:
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ChannelPruning)]
+    return callback
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    with open(run / "metrics.csv") as f:
+        return {int(r["epoch"]): float(r["train/box_loss"]) + float(r["train/obj_loss"]) + float(r["train/cls_loss"])
+                for r in csv.DictReader(f) if r.get("train/box_loss")}
+
+
+@pytest.fixture(scope="module")
+def pruned_run(synthetic_yaml, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pruned")
+    unpruned = count_parameters(cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml),
+                                          "--trainer.default_root_dir", str(root / "v")]).model.model)
+    cli = fit(synthetic_yaml, root, "--trainer.max_epochs", "8", *PRUNE, "--trainer.callbacks.schedule", "[2]")
+    return cli, root / "version_0", unpruned
+
+
+def test_scheduled_step_prunes_as_configured_and_training_goes_on(pruned_run):
+    cli, run, unpruned = pruned_run
+    params = count_parameters(cli.model.model)
+    assert 0.40 < 1 - params / unpruned < 0.65  # ratio 0.3 of channels -> about half the parameters
+    losses = train_losses(run)
+    assert (losses[6] + losses[7]) / 2 < losses[2]
+    with open(run / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("model/params")]
+    assert int(float(logged[-1]["model/params"])) == params and float(logged[-1]["model/GFLOPs"]) > 0
+
+
+def test_optimizer_and_ema_hold_exactly_the_new_parameters(pruned_run):
+    cli, _, _ = pruned_run
+    optimizer = cli.trainer.optimizers[0]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in cli.model.model.parameters()}
+    (ema,) = [c for c in cli.trainer.callbacks if isinstance(c, ExponentialMovingAverage)]
+    averaged = ema._average_model.module.model.state_dict()
+    assert {k: v.shape for k, v in averaged.items()} == {k: v.shape for k, v in cli.model.model.state_dict().items()}
+    assert optimizer.param_groups[1]["lr"] > 0
+
+
+def test_pruned_checkpoint_validates_to_the_same_metrics(pruned_run, synthetic_yaml, tmp_path):
+    cli, run, _ = pruned_run
+    saved = float(cli.trainer.checkpoint_callback.best_model_score)
+    check = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--ckpt_path",
+                      str(run / "checkpoints" / "best.ckpt"), "--trainer.default_root_dir", str(tmp_path)])
+    assert check.trainer.callback_metrics["val/fitness"].item() == pytest.approx(saved, abs=1e-6)
+    assert count_parameters(check.model.model) == count_parameters(cli.model.model)
+
+
+def test_resume_after_a_pruning_step_does_not_prune_again(pruned_run, synthetic_yaml, tmp_path):
+    cli, run, _ = pruned_run
+    params = count_parameters(cli.model.model)
+    resumed = fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "10", *PRUNE, "--trainer.callbacks.schedule",
+                  "[2]", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert resumed.trainer.current_epoch == 10
+    assert count_parameters(resumed.model.model) == params
+    assert pruning_callback(resumed).steps_done == 1
+
+
+def test_pruned_weights_start_a_new_fit(pruned_run, synthetic_yaml, tmp_path):
+    cli, run, _ = pruned_run
+    again = fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "1", "--model.weights",
+                str(run / "checkpoints" / "best.ckpt"))
+    assert count_parameters(again.model.model) == count_parameters(cli.model.model)
+
+
+def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path):
+    base = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
+                     str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "a")])
+    pruned = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
+                       str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "b"), *PRUNE])
+    assert count_parameters(pruned.model.model) < 0.6 * count_parameters(base.model.model)
+
+
+def test_bf16_mixed_precision_on_cpu_prunes_and_trains(synthetic_yaml, tmp_path):
+    cli = fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "2", "--trainer.precision", "bf16-mixed", *PRUNE,
+              "--trainer.callbacks.schedule", "[1]")
+    assert all(torch.isfinite(torch.tensor(v)) for v in train_losses(tmp_path / "version_0").values())
+    assert pruning_callback(cli).steps_done == 1
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("pruning_ratio", "0", "between 0 and 1"), ("pruning_ratio", "1.0", "between 0 and 1"),
+    ("schedule", "[5]", "schedule has epoch 5"),
+])
+def test_bad_pruning_options_are_clear_errors(synthetic_yaml, tmp_path, option, value, expected):
+    with pytest.raises(ValueError, match=expected):
+        fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "2", *PRUNE, f"--trainer.callbacks.{option}", value)
+
+
+def test_ddp_two_processes_prune_identically(synthetic_yaml, tmp_path):
+    script = Path(__file__).with_name("ddp_prune.py")
+    result = subprocess.run([sys.executable, str(script), str(synthetic_yaml), str(need(YOLOV5N)), str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # same architecture, same weights
+    assert ranks[0]["model.0.conv.weight"].shape[0] < 16  # and pruned (YOLOv5n's first conv has 16 outputs)
+    assert ranks[0]["steps_done"].item() == 1
