@@ -133,7 +133,19 @@ def demo_data(argv: list[str]) -> None:
     print(f"Wrote {path}")
 
 
-EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data}
+def export_pt(argv: list[str]) -> None:
+    """Write a checkpoint's (EMA) model as a YOLOv5 .pt that YOLOv5's own detect.py/val.py/export.py load."""
+    from tea_lightning.model.weights import save_yolov5_checkpoint
+
+    parser = argparse.ArgumentParser(prog="tea-lightning export-pt", description=export_pt.__doc__)
+    parser.add_argument("checkpoint", help="a tea-lightning .ckpt (pruned or not)")
+    parser.add_argument("output", help="the .pt file to write")
+    options = parser.parse_args(argv)
+    detector = Detector.load_from_checkpoint(options.checkpoint, map_location="cpu", weights_only=False)
+    print(f"Wrote {save_yolov5_checkpoint(detector.model, detector.names, options.output)}")
+
+
+EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt}
 
 
 def main(argv: list[str] | None = None) -> None:

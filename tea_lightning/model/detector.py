@@ -177,6 +177,9 @@ class Detector(pl.LightningModule):
         self.metrics.reset()
         summary = {key: float(results[key]) for key in ("mAP50", "mAP50-95", "precision", "recall", "f1")}
         summary["fitness"] = fitness(summary["mAP50"], summary["mAP50-95"])
+        # YOLOv5's own AP (101-point, with its end point at recall 1) beside the COCO one: the numbers YOLOv5
+        # users know, which differ from COCO's when recall stays low.
+        summary["yolov5_mAP50"], summary["yolov5_mAP50-95"] = results["curves"].map50, results["curves"].map
         for key, value in summary.items():
             self.log(f"{stage}/{key}", value, prog_bar=key in ("mAP50", "mAP50-95"))
         for name, ap50, ap in zip(self.names, results["ap50_per_class"], results["ap_per_class"]):

@@ -93,3 +93,16 @@ def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> tuple
     matching = {k: v for k, v in source.items() if k in target and v.shape == target[k].shape}
     model.load_state_dict(matching, strict=False)
     return len(matching), len(target)
+
+
+def save_yolov5_checkpoint(model: nn.Module, names: list[str], path: str | Path) -> Path:
+    """Write the model as YOLOv5's train.py does (a pickled fp16 model under 'model'), so that YOLOv5's own
+    detect.py, val.py and export.py load it; return the path."""
+    from copy import deepcopy
+
+    model = deepcopy(model).half().eval()
+    model.names, model.nc = names, len(names)  # attributes YOLOv5's train.py attaches and val.py reads
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model, "ema": None, "epoch": -1, "optimizer": None, "best_fitness": None}, path)
+    return path

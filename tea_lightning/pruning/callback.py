@@ -134,10 +134,16 @@ def _gradients_of_one_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) 
     datamodule = trainer.datamodule
     loader = datamodule.train_dataloader() if trainer.state.fn == "fit" else datamodule.val_dataloader()
     batch = pl_module.transfer_batch_to_device(next(iter(loader)), pl_module.device, 0)
-    pl_module.model.zero_grad(set_to_none=True)
+    model = pl_module.model
+    model.zero_grad(set_to_none=True)
+    # the loss needs training mode, whose forward would also move the BatchNorm statistics: keep them as they were
+    statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    was_training = model.training
     with torch.enable_grad():
-        was_training = pl_module.model.training
-        pl_module.model.train()
+        model.train()
         loss, _ = pl_module.compute_loss(pl_module(batch["images"]), batch["targets"])
         loss.backward()
-        pl_module.model.train(was_training)
+    model.train(was_training)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(statistics[name])

@@ -79,8 +79,9 @@ def prune(model: nn.Module, example_inputs: Tensor, ratio: float, importance: st
     Local pruning (the default) removes `ratio` of every layer's channels; global pruning ranks all channels
     together. `round_to` rounds each pruned layer's remaining channels to the nearest multiple (for fast kernels), but
     never below `round_to`; no layer loses more than `max_layer_ratio` of its channels. "taylor" needs the gradients of
-    a backward pass. The choice of channels depends only on the weights (and `seed` for "random"), so every DDP rank
-    prunes the same ones. The mode (train/eval), dtype and frozen parameters of `model` are kept.
+    a backward pass. The choice of channels depends only on the weights (and gradients for "taylor", `seed` for
+    "random"), so every DDP rank prunes the same ones. The mode (train/eval), dtype and frozen parameters of `model`
+    are kept.
     """
     with _traceable(model):
         params_before, macs_before = count_parameters(model), _macs(model, example_inputs)
@@ -101,7 +102,7 @@ def ratio_for_macs(model: nn.Module, example_inputs: Tensor, macs_reduction: flo
         ratio = 1 - math.sqrt(1 - macs_reduction)  # MACs fall about with the square of the kept channel fraction
         best = (math.inf, ratio)
         for _ in range(max_iterations):
-            pruned = copy.deepcopy(model)
+            pruned = _copy_with_gradients(model)
             _prune_once(pruned, example_inputs, ratio, **prune_kwargs)
             reduction = 1 - _macs(pruned, example_inputs) / macs_before
             best = min(best, (abs(reduction - macs_reduction), ratio))
@@ -148,6 +149,14 @@ def _prune_once(model: nn.Module, example_inputs: Tensor, ratio: float, importan
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # only "random" draws numbers: same seed, same channels
             pruner.step()
+
+
+def _copy_with_gradients(model: nn.Module) -> nn.Module:
+    """Return a deep copy of `model` that also holds its gradients (deepcopy drops them; Taylor needs them)."""
+    clone = copy.deepcopy(model)
+    for source, target in zip(model.parameters(), clone.parameters()):
+        target.grad = None if source.grad is None else source.grad.clone()
+    return clone
 
 
 def _check_ratio(ratio: float) -> None:

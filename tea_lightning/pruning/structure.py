@@ -53,11 +53,11 @@ def _check_same_keys(current: Mapping[str, Tensor], stored: Mapping[str, Tensor]
     missing = [key for key in current if key not in stored]
     if missing:
         raise StructureMismatch(f"{prefix}{missing[0]} (shape {_shape(current[missing[0]])} in the model) is missing "
-                                f"from the checkpoint ({len(missing)} keys missing): {_RETRAIN_HINT}.")
+                                f"from the checkpoint ({len(missing)} missing in all): {_RETRAIN_HINT}.")
     unexpected = [key for key in stored if key not in current]
     if unexpected:
         raise StructureMismatch(f"{prefix}{unexpected[0]} (shape {_shape(stored[unexpected[0]])} in the checkpoint) "
-                                f"is not in the model ({len(unexpected)} unexpected keys): {_RETRAIN_HINT}.")
+                                f"is not in the model ({len(unexpected)} unexpected in all): {_RETRAIN_HINT}.")
 
 
 def _check_resizable(module: nn.Module, fixed_output: bool, key: str, current: Tensor, stored: Tensor) -> None:
