@@ -26,9 +26,25 @@ def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.001, iou
             conf, j = scores.max(1, keepdim=True)
             detections = torch.cat([boxes, conf, j.float()], dim=1)[conf.view(-1) > conf_thres]
         detections = detections[detections[:, 4].argsort(descending=True)[:max_nms]]
-        keep = batched_nms(detections[:, :4], detections[:, 4], detections[:, 5].long(), iou_thres)[:max_det]
-        output.append(detections[keep])
+        output.append(detections[_top_nms(detections, iou_thres, max_det)])
     return output
+
+
+def _top_nms(detections: torch.Tensor, iou_thres: float, max_det: int) -> torch.Tensor:
+    """Return the indices of the first `max_det` boxes that per-class NMS keeps, from score-sorted detections.
+
+    Greedy NMS decides each box from the higher-scoring boxes alone, so NMS over the best k candidates keeps
+    exactly the boxes that NMS over all of them keeps among those k. Once that is max_det boxes, the rest cannot
+    change the result. On an early, unsure model this runs NMS on a few thousand of the up to 30000 candidates
+    instead of all of them: the same detections, several times faster (NMS costs grow with the square of the count).
+    """
+    count = len(detections)
+    k = min(count, 10 * max_det)
+    while True:
+        keep = batched_nms(detections[:k, :4], detections[:k, 4], detections[:k, 5].long(), iou_thres)
+        if len(keep) >= max_det or k == count:
+            return keep[:max_det]
+        k = min(count, 4 * k)
 
 
 def unletterbox_boxes(boxes: torch.Tensor, ratio: float, pad: torch.Tensor, original_shape: torch.Tensor

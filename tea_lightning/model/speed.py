@@ -1,4 +1,5 @@
-"""Training speed as users compare it with YOLOv5: images per second of the training loop, per epoch."""
+"""Training speed as users compare it with YOLOv5: images per second of the training loop, and what validation
+costs beside it."""
 
 from __future__ import annotations
 
@@ -8,14 +9,25 @@ from pytorch_lightning import Callback
 
 
 class TrainingSpeed(Callback):
-    """Logs `train/images_per_s` (all processes together, validation excluded) at the end of every epoch."""
+    """Logs per epoch `train/images_per_s` (all processes together, training batches only), `train/seconds` and
+    `val/seconds` (Lightning validates inside the training epoch, so each is clocked on its own)."""
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start, self._images = time.perf_counter(), 0
+        self._last_batch_end = self._start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += len(batch["images"])
+        self._last_batch_end = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log("val/seconds", time.perf_counter() - self._validation_start, rank_zero_only=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        rate = self._images * trainer.world_size / (time.perf_counter() - self._start)
-        pl_module.log("train/images_per_s", rate, on_epoch=True, rank_zero_only=True)
+        seconds = self._last_batch_end - self._start
+        pl_module.log("train/seconds", seconds, rank_zero_only=True)
+        pl_module.log("train/images_per_s", self._images * trainer.world_size / seconds, rank_zero_only=True)

@@ -92,12 +92,15 @@ def test_pruned_weights_start_a_new_fit(pruned_run, synthetic_yaml, tmp_path):
     assert count_parameters(again.model.model) == count_parameters(cli.model.model)
 
 
-def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path):
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path, importance):
     base = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
                      str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "a")])
     pruned = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
-                       str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "b"), *PRUNE])
+                       str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "b"), *PRUNE,
+                       "--trainer.callbacks.importance", importance])
     assert count_parameters(pruned.model.model) < 0.6 * count_parameters(base.model.model)
+    assert all(p.grad is None for p in pruned.model.parameters())  # Taylor's gradients are not left behind
 
 
 def test_bf16_mixed_precision_on_cpu_prunes_and_trains(synthetic_yaml, tmp_path):
