@@ -96,10 +96,10 @@ class ChannelPruning(pl.Callback):
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, steps: int | None = None):
         steps = steps or len(self.schedule)
         before = pl_module.model_summary()
-        if self.prune_options["importance"] == "taylor":
-            _gradients_of_one_batch(trainer, pl_module)
         # validate/test run under inference mode, where no autograd graph (the dependency graph's source) exists
         with torch.inference_mode(False), torch.enable_grad():
+            if self.prune_options["importance"] == "taylor":
+                _gradients_of_one_batch(trainer, pl_module)
             result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options)
         pl_module.model.zero_grad(set_to_none=True)
         self.steps_done += 1
@@ -133,16 +133,16 @@ def _gradients_of_one_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) 
     """Leave the loss gradients of one batch on the parameters: Taylor importance is |weight x gradient|."""
     datamodule = trainer.datamodule
     loader = datamodule.train_dataloader() if trainer.state.fn == "fit" else datamodule.val_dataloader()
-    batch = pl_module.transfer_batch_to_device(next(iter(loader)), pl_module.device, 0)
+    batch = next(iter(loader))
+    images, targets = batch["images"].to(pl_module.device).clone(), batch["targets"].to(pl_module.device).clone()
     model = pl_module.model
     model.zero_grad(set_to_none=True)
     # the loss needs training mode, whose forward would also move the BatchNorm statistics: keep them as they were
     statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
     was_training = model.training
-    with torch.enable_grad():
-        model.train()
-        loss, _ = pl_module.compute_loss(pl_module(batch["images"]), batch["targets"])
-        loss.backward()
+    model.train()
+    loss, _ = pl_module.compute_loss(pl_module(images), targets)
+    loss.backward()
     model.train(was_training)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
