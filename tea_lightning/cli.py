@@ -104,7 +104,7 @@ def demo(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="tea-lightning demo", description=demo.__doc__)
     parser.add_argument("--out", default="demo", help="folder for the data set and the run (default: demo)")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     options = parser.parse_args(argv)
     out = Path(options.out)
     data_yaml = make_synthetic_dataset(out / "data", seed=0)

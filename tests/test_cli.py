@@ -95,3 +95,19 @@ def test_demo_data_command_writes_a_data_set(tmp_path, capsys):
     main(["demo-data", str(tmp_path / "d"), "--n-train", "4", "--n-val", "2"])
     assert (tmp_path / "d" / "data.yaml").is_file()
     assert "data.yaml" in capsys.readouterr().out
+
+
+def test_wandb_offline_run_holds_the_config_params_and_gflops(synthetic_yaml, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working folder
+    args = [a for a in FAST if a not in ("--trainer.logger", "CSVLogger")]
+    cli = cli_main(["fit", *args, "--data.data_yaml", str(synthetic_yaml), "--trainer.max_epochs", "1",
+                    "--trainer.default_root_dir", str(tmp_path / "out")])
+    experiment = cli.trainer.logger.experiment
+    config = dict(experiment.config)
+    experiment.finish()
+    assert config["model/params"] > 1e6 and config["model/GFLOPs"] > 0
+    assert config["config"]["model"]["model_cfg"] == "yolov5n.yaml" and config["data"]["nc"] == 2
+    (run,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    record = (run / f"run-{run.name.split('-')[-1]}.wandb").read_bytes()  # what `wandb sync` uploads
+    assert b"model/GFLOPs" in record and b"val/mAP50" in record
+    assert not (tmp_path / "wandb").exists()

@@ -1,0 +1,103 @@
+"""The pruning study as one table: for each pruning ratio, size, GFLOPs, CPU latency (batch 1, PyTorch eager and
+ONNX Runtime), mAP right after one-shot pruning and after fine-tuning, next to the baseline trained as long.
+
+    python scripts/pruning_table.py --baseline runs/parity_train/ours/version_0/checkpoints/best.ckpt \
+        --data ../shared/data/tea_shoots/data.yaml --img 416 --ratios 0.1 0.3 0.5 0.7 \
+        --finetune-ratios 0.3 0.5 --finetune-epochs 10 --out runs/pruning
+
+Prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tea_lightning.cli import cli_main  # noqa: E402
+from tea_lightning.model.complexity import count_parameters, gflops  # noqa: E402
+from tea_lightning.report.latency import export_onnx, onnx_latency, torch_latency  # noqa: E402
+
+COMMON = ["--config", str(ROOT / "configs" / "yolov5n.yaml"), "--trainer.logger", "CSVLogger",
+          "--trainer.enable_progress_bar", "false"]
+
+
+def prune_flags(ratio: float) -> list[str]:
+    """Return the command-line flags that add a one-shot ChannelPruning at epoch 0."""
+    return ["--trainer.callbacks+=tea_lightning.ChannelPruning", "--trainer.callbacks.pruning_ratio", str(ratio),
+            "--trainer.callbacks.schedule", "[0]"]
+
+
+def measure(model, img: int, onnx_path: Path) -> dict:
+    """Return params, GFLOPs and batch-1 latencies of a YOLOv5 model."""
+    threads = torch.get_num_threads()
+    return {"params": count_parameters(model), "gflops": gflops(model, img),
+            "torch_ms": torch_latency(model, img, 1).median_ms,
+            "onnx_ms": onnx_latency(export_onnx(model, onnx_path, img), img, 1, threads).median_ms}
+
+
+def validate(data: Path, img: int, out: Path, *extra: str) -> tuple[dict, object]:
+    """Return mAP50, mAP50-95 of a validate run, and its model."""
+    cli = cli_main(["validate", *COMMON, "--data.data_yaml", str(data), "--data.img_size", str(img),
+                    "--trainer.default_root_dir", str(out), *extra])
+    metrics = cli.trainer.callback_metrics
+    return {"mAP50": float(metrics["val/mAP50"]), "mAP50-95": float(metrics["val/mAP50-95"])}, cli.model.model
+
+
+def finetune(baseline: Path, data: Path, img: int, batch: int, epochs: int, out: Path, *extra: str) -> dict:
+    """Return the re-validated best checkpoint's mAP of a fit that starts from the baseline's weights."""
+    fit = cli_main(["fit", *COMMON, "--data.data_yaml", str(data), "--data.img_size", str(img), "--data.batch_size",
+                    str(batch), "--model.weights", str(baseline), "--trainer.max_epochs", str(epochs),
+                    "--trainer.default_root_dir", str(out), *extra])
+    best = fit.trainer.checkpoint_callback.best_model_path
+    return validate(data, img, out / "check", "--ckpt_path", best)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", type=Path, required=True, help="a trained tea-lightning .ckpt")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--img", type=int, default=416)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+    parser.add_argument("--finetune-ratios", type=float, nargs="*", default=[0.3])
+    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pruning")
+    options = parser.parse_args()
+    weights = ["--model.weights", str(options.baseline)]
+    rows = []
+    base_map, base_model = validate(options.data, options.img, options.out / "base", *weights)
+    base = {**measure(base_model, options.img, options.out / "base.onnx"), "pruned": base_map}
+    if options.finetune_ratios:
+        base["finetuned"] = finetune(options.baseline, options.data, options.img, options.batch,
+                                     options.finetune_epochs, options.out / "base_more")
+    rows.append(("baseline", base))
+    for ratio in options.ratios:
+        pruned_map, model = validate(options.data, options.img, options.out / f"p{ratio}", *weights,
+                                     *prune_flags(ratio))
+        row = {**measure(model, options.img, options.out / f"p{ratio}.onnx"), "pruned": pruned_map}
+        if ratio in options.finetune_ratios:
+            row["finetuned"] = finetune(options.baseline, options.data, options.img, options.batch,
+                                        options.finetune_epochs, options.out / f"ft{ratio}", *prune_flags(ratio))
+        rows.append((f"{ratio:.1f}", row))
+    print(f"{datetime.date.today()}, {torch.get_num_threads()} threads, image size {options.img}, "
+          f"fine-tuning {options.finetune_epochs} epochs (baseline: {options.finetune_epochs} more epochs)")
+    print("| pruning ratio | params | GFLOPs | PyTorch ms (b1) | ONNX Runtime ms (b1) | mAP50 / mAP50-95 after "
+          "pruning | after fine-tuning |\n|---|---|---|---|---|---|---|")
+    b = rows[0][1]
+    for name, r in rows:
+        tuned = r.get("finetuned")
+        print(f"| {name} | {r['params']:,} ({r['params'] / b['params'] - 1:+.0%}) | {r['gflops']:.2f} "
+              f"({r['gflops'] / b['gflops'] - 1:+.0%}) | {r['torch_ms']:.1f} ({r['torch_ms'] / b['torch_ms'] - 1:+.0%}) "
+              f"| {r['onnx_ms']:.1f} ({r['onnx_ms'] / b['onnx_ms'] - 1:+.0%}) | {r['pruned']['mAP50']:.4f} / "
+              f"{r['pruned']['mAP50-95']:.4f} | "
+              + (f"{tuned['mAP50']:.4f} / {tuned['mAP50-95']:.4f} |" if tuned else "- |"))
+
+
+if __name__ == "__main__":
+    main()
