@@ -145,7 +145,28 @@ def export_pt(argv: list[str]) -> None:
     print(f"Wrote {save_yolov5_checkpoint(detector.model, detector.names, options.output)}")
 
 
-EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt}
+def check_data(argv: list[str]) -> None:
+    """Print a data set's summary (images, instances per class, label format, problems) without training."""
+    from tea_lightning.data.labels import DataError, load_split, read_data_yaml
+
+    parser = argparse.ArgumentParser(prog="tea-lightning check-data", description=check_data.__doc__)
+    parser.add_argument("data_yaml", help="a YOLO data.yaml")
+    options = parser.parse_args(argv)
+    try:
+        spec = read_data_yaml(options.data_yaml)
+        print(f"{spec.yaml_path}: {spec.nc} classes ({', '.join(spec.names)})")
+        problems = 0
+        for split in spec.splits:
+            index = load_split(spec, split)
+            problems += len(index.problems)
+            print(index.summary(split, spec.names))
+    except DataError as err:
+        sys.exit(f"error: {err}")
+    if problems:
+        print(f"{problems} problem(s): the rows and images named above are skipped in training and validation.")
+
+
+EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt, "check-data": check_data}
 
 
 def main(argv: list[str] | None = None) -> None:

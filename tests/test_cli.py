@@ -111,3 +111,18 @@ def test_wandb_offline_run_holds_the_config_params_and_gflops(synthetic_yaml, tm
     record = (run / f"run-{run.name.split('-')[-1]}.wandb").read_bytes()  # what `wandb sync` uploads
     assert b"model/GFLOPs" in record and b"val/mAP50" in record
     assert not (tmp_path / "wandb").exists()
+
+
+def test_check_data_prints_the_summary_and_problems(synthetic_yaml, tmp_path, capsys):
+    main(["check-data", str(synthetic_yaml)])
+    out = capsys.readouterr().out
+    assert "2 classes (bud, leaf)" in out and "train: 16 images" in out and "val: 8 images" in out
+    broken = tmp_path / "d"
+    main(["demo-data", str(broken), "--n-train", "4", "--n-val", "2"])
+    label = next((broken / "labels" / "train").glob("*.txt"))
+    label.write_text(label.read_text() + "7 0.5 0.5 0.1 0.1\n")
+    main(["check-data", str(broken / "data.yaml")])
+    out = capsys.readouterr().out
+    assert f"{label}:" in out and "class id 7" in out and "1 problem(s)" in out
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["check-data", str(tmp_path / "missing.yaml")])
