@@ -93,7 +93,8 @@ def main() -> None:
     for name, r in rows:
         tuned = r.get("finetuned")
         print(f"| {name} | {r['params']:,} ({r['params'] / b['params'] - 1:+.0%}) | {r['gflops']:.2f} "
-              f"({r['gflops'] / b['gflops'] - 1:+.0%}) | {r['torch_ms']:.1f} ({r['torch_ms'] / b['torch_ms'] - 1:+.0%}) "
+              f"({r['gflops'] / b['gflops'] - 1:+.0%}) | {r['torch_ms']:.1f} "
+              f"({r['torch_ms'] / b['torch_ms'] - 1:+.0%}) "
               f"| {r['onnx_ms']:.1f} ({r['onnx_ms'] / b['onnx_ms'] - 1:+.0%}) | {r['pruned']['mAP50']:.4f} / "
               f"{r['pruned']['mAP50-95']:.4f} | "
               + (f"{tuned['mAP50']:.4f} / {tuned['mAP50-95']:.4f} |" if tuned else "- |"))

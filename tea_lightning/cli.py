@@ -25,8 +25,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def trainer_defaults() -> dict:
     """Return what every run gets unless told otherwise: W&B offline logging (synced later with `wandb sync`),
-    best (by YOLOv5's fitness) and last checkpoints, a writer for `predict` and the training speed. Built anew for each run because
-    callbacks keep state."""
+    best (by YOLOv5's fitness) and last checkpoints, a writer for `predict` and the training speed. Built anew
+    for each run because callbacks keep state."""
     return {
         "default_root_dir": "runs",
         "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",

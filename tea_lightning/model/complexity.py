@@ -22,4 +22,9 @@ def gflops(model: nn.Module, img_size: int) -> float:
         macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, img_size, img_size, device=device))
     finally:
         model.train(was_training)
+    return macs_to_gflops(macs)
+
+
+def macs_to_gflops(macs: float) -> float:
+    """Return GFLOPs as YOLOv5 reports them: two floating-point operations per multiply-accumulate."""
     return 2 * macs / 1e9

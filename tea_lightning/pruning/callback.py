@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from tea_lightning.model.complexity import macs_to_gflops
 from tea_lightning.model.recipe import ExponentialMovingAverage
 from tea_lightning.pruning.pruner import Importance, prune, ratio_for_macs, step_ratio
 
@@ -95,7 +96,6 @@ class ChannelPruning(pl.Callback):
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, steps: int | None = None):
         steps = steps or len(self.schedule)
-        before = pl_module.model_summary()
         # validate/test run under inference mode, where no autograd graph (the dependency graph's source) exists
         with torch.inference_mode(False), torch.enable_grad():
             if self.prune_options["importance"] == "taylor":
@@ -103,12 +103,14 @@ class ChannelPruning(pl.Callback):
             result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options)
         pl_module.model.zero_grad(set_to_none=True)
         self.steps_done += 1
-        after = pl_module.model_summary()
+        # prune() counted MACs on an img_size input, as the model's GFLOPs figure does: no second trace needed
+        after = {"model/params": result.params_after, "model/GFLOPs": macs_to_gflops(result.macs_after)}
         rank_zero_info(
             f"Pruning step {self.steps_done}/{steps} at epoch {trainer.current_epoch}: channels -{ratio:.1%}, "
-            f"parameters {before['model/params']:,} -> {after['model/params']:,} "
-            f"({after['model/params'] / before['model/params'] - 1:+.1%}), GFLOPs {before['model/GFLOPs']:.2f} -> "
-            f"{after['model/GFLOPs']:.2f} ({result.macs_after / result.macs_before - 1:+.1%})")
+            f"parameters {result.params_before:,} -> {result.params_after:,} "
+            f"({result.params_after / result.params_before - 1:+.1%}), "
+            f"GFLOPs {macs_to_gflops(result.macs_before):.2f} -> {after['model/GFLOPs']:.2f} "
+            f"({result.macs_after / result.macs_before - 1:+.1%})")
         for logger in trainer.loggers:
             logger.log_metrics({**after, "model/pruning_steps": self.steps_done}, step=trainer.global_step)
         if trainer.state.fn == "fit":
