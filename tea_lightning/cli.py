@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 # The yolov5 package imports pkg_resources; the warning says nothing a user can act on.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
+from jsonargparse import Namespace  # noqa: E402
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
-from pytorch_lightning.loggers import WandbLogger  # noqa: E402
+from pytorch_lightning.loggers import CSVLogger, WandbLogger  # noqa: E402
+from pytorch_lightning.utilities import rank_zero_warn  # noqa: E402
+from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
+from tea_lightning.checkpoints import SaveOnInterrupt  # noqa: E402
 from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
+from tea_lightning.errors import ConfigError, UserError  # noqa: E402
+from tea_lightning.model.amp_check import AmpCheck  # noqa: E402
 from tea_lightning.model.detector import Detector  # noqa: E402
 from tea_lightning.model.speed import TrainingSpeed  # noqa: E402
 from tea_lightning.model.writer import DetectionWriter  # noqa: E402
@@ -25,15 +33,22 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def trainer_defaults() -> dict:
     """Return what every run gets unless told otherwise: W&B offline logging (synced later with `wandb sync`),
-    best (by YOLOv5's fitness) and last checkpoints, a writer for `predict` and the training speed. Built anew
-    for each run because callbacks keep state."""
+    best (by YOLOv5's fitness) and last checkpoints written atomically, a checkpoint on SIGTERM/Ctrl+C, YOLOv5's
+    AMP check, a writer for `predict` and the training speed. Built anew for each run because callbacks keep
+    state."""
     return {
         "default_root_dir": "runs",
         "logger": {"class_path": "pytorch_lightning.loggers.WandbLogger",
                    "init_args": {"project": "tea-lightning", "offline": True}},
+        "plugins": [{"class_path": "tea_lightning.checkpoints.AtomicCheckpointIO"}],
         "callbacks": [
-            ModelCheckpoint(monitor="val/fitness", mode="max", filename="best", save_last=True,
-                            auto_insert_metric_name=False),
+            ModelCheckpoint(monitor="val/fitness", mode="max", filename="best", auto_insert_metric_name=False,
+                            enable_version_counter=False),
+            # Since Lightning 2.6 save_last=True writes last.ckpt only when a best checkpoint is written; resuming
+            # after a crash needs it after every epoch, which a second, unmonitored checkpoint gives.
+            ModelCheckpoint(filename="last", enable_version_counter=False),
+            SaveOnInterrupt(),
+            AmpCheck(),
             DetectionWriter(),
             TrainingSpeed(),
         ],
@@ -67,15 +82,30 @@ class TeaCLI(LightningCLI):
         parser.link_arguments("data.batch_size", "model.batch_size")
 
     def before_instantiate_classes(self) -> None:
-        # Loggers write under save_dir (W&B's default is the working folder); unless one is given, keep a run's
-        # logs with its checkpoints and plots in default_root_dir.
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        _check_writable(Path(trainer.default_root_dir or "."))
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
-            init_args = getattr(logger, "init_args", None)
-            if init_args is not None and init_args.get("save_dir") in (None, ".", ""):
+            if getattr(logger, "init_args", None) is None:
+                continue
+            if logger.class_path.endswith("WandbLogger") and importlib.util.find_spec("wandb") is None:
+                rank_zero_warn("wandb is not installed: logging to CSV files in the run folder instead "
+                               "(pip install wandb to track runs in Weights & Biases).")
+                logger.class_path = "pytorch_lightning.loggers.CSVLogger"
+                logger.init_args = Namespace(name=logger.init_args.get("project") or "tea-lightning",
+                                             save_dir=logger.init_args.get("save_dir"))
+            init_args = logger.init_args
+            # Loggers write under save_dir (W&B's default is the working folder); unless one is given, keep a
+            # run's logs with its checkpoints and plots in default_root_dir.
+            if init_args.get("save_dir") in (None, ".", ""):
                 init_args.save_dir = trainer.default_root_dir or "."
+            if self.subcommand == "fit" and config.get("ckpt_path"):
+                _continue_in_run_folder(logger, Path(config.ckpt_path))
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        _fall_back_from_failed_wandb(self.trainer)
 
     def after_run(self) -> None:
         """Print where the run's files and its W&B run are."""
@@ -88,6 +118,51 @@ class TeaCLI(LightningCLI):
                       + (" (offline: upload later with `wandb sync <that folder>`)"
                          if getattr(experiment.settings, "mode", "") == "offline" else ""))
         print(f"Run folder: {run_dir(trainer)}")
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any work when the output folder cannot take files (read-only, a file in the way)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--trainer.default_root_dir {folder} cannot be written to ({err.strerror or err}): give "
+                          "a writable folder for checkpoints, plots and logs.") from err
+
+
+def _continue_in_run_folder(logger, checkpoint: Path) -> None:
+    """Give the logger the run id/version of `checkpoint` when it lies in `<save_dir>/<name>/<run>/checkpoints/` of
+    this very logger, so a resumed fit writes on in its own run folder and W&B run. Not for CSVLogger, which
+    deletes an existing metrics.csv: a resumed CSV run gets a new version folder and the old one stays whole."""
+    if logger.class_path.endswith("CSVLogger"):
+        return
+    run = checkpoint.resolve().parent.parent
+    init_args = logger.init_args
+    wandb = logger.class_path.endswith("WandbLogger")
+    name = init_args.get("project" if wandb else "name") or ""  # no name: runs sit right in save_dir
+    if checkpoint.parent.name != "checkpoints" or run.parent != (Path(init_args.save_dir) / name).resolve():
+        return
+    if wandb:
+        init_args.id, init_args.resume = run.name, "allow"
+    else:
+        init_args.version = run.name
+
+
+def _fall_back_from_failed_wandb(trainer) -> None:
+    """Start the W&B run now and, if W&B cannot start (bad settings, service not starting, no disk), log to CSV
+    in the same run folder rather than losing the training run."""
+    loggers = trainer.loggers
+    for i, logger in enumerate(loggers):
+        if not isinstance(logger, WandbLogger) or not trainer.is_global_zero:
+            continue
+        try:
+            logger.experiment
+        except Exception as err:  # noqa: BLE001 - whatever stops W&B must not stop training
+            rank_zero_warn(f"W&B could not start ({type(err).__name__}: {err}); this run logs to CSV files in its "
+                           "run folder instead. Check `wandb` settings (WANDB_MODE, WANDB_DIR) for the next run.")
+            loggers[i] = CSVLogger(logger.save_dir, name=logger.name, version=logger.version)
+    trainer.loggers = loggers
 
 
 def cli_main(args: list[str] | None = None) -> TeaCLI:
@@ -147,21 +222,18 @@ def export_pt(argv: list[str]) -> None:
 
 def check_data(argv: list[str]) -> None:
     """Print a data set's summary (images, instances per class, label format, problems) without training."""
-    from tea_lightning.data.labels import DataError, load_split, read_data_yaml
+    from tea_lightning.data.labels import load_split, read_data_yaml
 
     parser = argparse.ArgumentParser(prog="tea-lightning check-data", description=check_data.__doc__)
     parser.add_argument("data_yaml", help="a YOLO data.yaml")
     options = parser.parse_args(argv)
-    try:
-        spec = read_data_yaml(options.data_yaml)
-        print(f"{spec.yaml_path}: {spec.nc} classes ({', '.join(spec.names)})")
-        problems = 0
-        for split in spec.splits:
-            index = load_split(spec, split)
-            problems += len(index.problems)
-            print(index.summary(split, spec.names))
-    except DataError as err:
-        sys.exit(f"error: {err}")
+    spec = read_data_yaml(options.data_yaml)
+    print(f"{spec.yaml_path}: {spec.nc} classes ({', '.join(spec.names)})")
+    problems = 0
+    for split in spec.splits:
+        index = load_split(spec, split)
+        problems += len(index.problems)
+        print(index.summary(split, spec.names))
     if problems:
         print(f"{problems} problem(s): the rows and images named above are skipped in training and validation.")
 
@@ -170,15 +242,20 @@ EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `tea-lightning` command."""
+    """Entry point of the `tea-lightning` command: errors the user can fix end in their message and status 1."""
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in EXTRA_COMMANDS:
-        EXTRA_COMMANDS[args[0]](args[1:])
-        return
     if args and args[0] in ("-h", "--help"):
         print("Also: " + ", ".join(f"tea-lightning {name} ({fn.__doc__.splitlines()[0]})"
                                    for name, fn in EXTRA_COMMANDS.items()) + "\n")
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        if args and args[0] in EXTRA_COMMANDS:
+            EXTRA_COMMANDS[args[0]](args[1:])
+        else:
+            cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    except SIGTERMException:
+        sys.exit(128 + 15)  # what a shell reports for a process ended by SIGTERM; SaveOnInterrupt said the rest
 
 
 if __name__ == "__main__":

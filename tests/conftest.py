@@ -14,6 +14,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TEA_SHOOTS = SHARED / "data" / "tea_shoots" / "data.yaml"
 YOLOV5N = SHARED / "weights" / "yolov5n.pt"
 
+# Small images, small batches, a short warmup and milder augmentation, so that a few CPU seconds show learning.
+FAST = ["--model.model_cfg", "yolov5n.yaml", "--data.img_size", "128", "--data.batch_size", "4",
+        "--data.workers", "0", "--data.augmentation.mosaic", "0", "--data.augmentation.scale", "0.2",
+        "--trainer.logger", "CSVLogger", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--model.recipe.nominal_batch_size", "4",
+        "--model.recipe.lr0", "0.02", "--model.recipe.warmup_min_iterations", "4",
+        "--model.recipe.warmup_epochs", "1", "--model.plots", "false"]
+
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
@@ -35,3 +43,14 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not available")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_yaml, tmp_path_factory):
+    """Fit YOLOv5n (COCO weights) on the synthetic set for a few epochs; return the CLI and its run folder."""
+    from tea_lightning.cli import cli_main
+
+    root = tmp_path_factory.mktemp("fit")
+    cli = cli_main(["fit", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights", str(need(YOLOV5N)),
+                    "--trainer.max_epochs", "30", "--trainer.default_root_dir", str(root)])
+    return cli, root / "version_0"

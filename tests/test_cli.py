@@ -7,15 +7,7 @@ import pytest
 import torch
 
 from tea_lightning.cli import cli_main, main
-from tests.conftest import YOLOV5N, need
-
-# Small images, small batches, a short warmup and milder augmentation, so that a few CPU seconds show learning.
-FAST = ["--model.model_cfg", "yolov5n.yaml", "--data.img_size", "128", "--data.batch_size", "4",
-        "--data.workers", "0", "--data.augmentation.mosaic", "0", "--data.augmentation.scale", "0.2",
-        "--trainer.logger", "CSVLogger", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--model.recipe.nominal_batch_size", "4",
-        "--model.recipe.lr0", "0.02", "--model.recipe.warmup_min_iterations", "4",
-        "--model.recipe.warmup_epochs", "1", "--model.plots", "false"]
+from tests.conftest import FAST, YOLOV5N, need
 
 
 def epoch_metrics(run_dir) -> list[dict]:
@@ -26,15 +18,6 @@ def epoch_metrics(run_dir) -> list[dict]:
              for r in rows if r.get("train/box_loss")}
     return [{"epoch": int(r["epoch"]), "train_loss": train.get(int(r["epoch"])), "mAP50": float(r["val/mAP50"]),
              "fitness": float(r["val/fitness"])} for r in rows if r.get("val/mAP50")]
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_yaml, tmp_path_factory):
-    """Fit YOLOv5n (COCO weights) on the synthetic set for a few epochs; return the CLI and its run folder."""
-    root = tmp_path_factory.mktemp("fit")
-    cli = cli_main(["fit", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights", str(need(YOLOV5N)),
-                    "--trainer.max_epochs", "30", "--trainer.default_root_dir", str(root)])
-    return cli, root / "version_0"
 
 
 def test_fit_lowers_the_loss_and_raises_map(trained):

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tea_lightning.data.dataset import EvalDataset, TrainDataset, collate
 from tea_lightning.data.labels import IMAGE_SUFFIXES, DataError, ImageRecord, SplitIndex, load_split, \
     read_data_yaml, read_image_size
+from tea_lightning.data.sampler import WholeBatchSampler
 from tea_lightning.data.transforms import Augmentation
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,11 @@ class YoloDataModule(pl.LightningDataModule):
         return self.indexes[name]
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.workers,
+        sampler = None
+        trainer = self.trainer
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            sampler = WholeBatchSampler(dataset, batch_size, trainer.world_size, trainer.global_rank)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=self.workers,
                           collate_fn=collate, worker_init_fn=_worker_init, persistent_workers=self.workers > 0,
                           pin_memory=False, drop_last=False)
 

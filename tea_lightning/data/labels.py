@@ -14,6 +14,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageOps
 
+from tea_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -22,7 +24,7 @@ CACHE_VERSION = 2
 COORD_TOLERANCE = 1e-5
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data set that cannot be used; the message names the file and what to do."""
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
@@ -249,6 +250,18 @@ class ConfidenceCurves(Metric):
         )
 
 
+def _gather_states(metric: Metric) -> None:
+    """Replace each list state of `metric` by every process's list, concatenated in rank order.
+
+    torchmetrics gathers list states one element (image) at a time, which needs the same number of images on every
+    process; distributed evaluation deals out whole batches (data/sampler.py), so the counts can differ.
+    """
+    parts: list = [None] * dist.get_world_size()
+    for name in metric.metric_state:
+        dist.all_gather_object(parts, [t.cpu() for t in getattr(metric, name)])
+        setattr(metric, name, [t.to(metric.device) for part in parts for t in part])
+
+
 class DetectionMetrics(nn.Module):
     """COCO mAP (torchmetrics) plus YOLOv5-style P/R/F1/AP (``ConfidenceCurves``) behind one update."""
 
@@ -261,8 +274,9 @@ class DetectionMetrics(nn.Module):
             backend="faster_coco_eval",
             max_detection_thresholds=[1, 10, 300],
             class_metrics=True,
+            sync_on_compute=False,  # gathered by _gather_states
         )
-        self.curves = ConfidenceCurves()
+        self.curves = ConfidenceCurves(sync_on_compute=False)
 
     def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
         """Feed one batch (torchmetrics detection format, xyxy pixels) to both metrics; returns None."""
@@ -270,7 +284,11 @@ class DetectionMetrics(nn.Module):
         self.curves.update(preds, targets)
 
     def compute(self) -> dict[str, Any]:
-        """Return mAP50, mAP50-95, precision, recall, f1, conf, ap50_per_class, ap_per_class and curves."""
+        """Return mAP50, mAP50-95, precision, recall, f1, conf, ap50_per_class, ap_per_class and curves (over all
+        processes' images when distributed)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _gather_states(self.coco)
+            _gather_states(self.curves)
         coco = self.coco.compute()
         curves = self.curves.compute()
         if len(curves.classes) and curves.classes.max() >= self.num_classes:

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from tea_lightning.errors import ConfigError, NonFiniteLoss
 from tea_lightning.metrics import DetectionMetrics, plot_curves
 from tea_lightning.model.complexity import count_parameters, gflops
 from tea_lightning.model.postprocess import non_max_suppression, unletterbox_boxes
@@ -53,7 +54,7 @@ class Detector(pl.LightningModule):
         self.recipe = recipe
         self.names = list(names) if names else [str(i) for i in range(nc)]
         if len(self.names) != nc:
-            raise ValueError(f"--model.names has {len(self.names)} entries but --model.nc is {nc}.")
+            raise ConfigError(f"--model.names has {len(self.names)} entries but --model.nc is {nc}.")
         self.model = build_model(model_cfg, nc)
         if weights:
             state, ours = read_weights(weights)
@@ -121,6 +122,7 @@ class Detector(pl.LightningModule):
                                     self.trainer.max_epochs, warmup_iterations(batches, self.recipe),
                                     self.hparams.batch_size, self.trainer.world_size)
         loss, items = self.compute_loss(self(batch["images"]), batch["targets"])
+        self._stop_unless_finite(loss, batch, batch_idx)
         # YOLOv5's loss is a sum over the batch; DDP averages gradients, so scaling by the world size keeps the
         # step equal to one process with the whole batch.
         self.manual_backward(loss * self.trainer.world_size)
@@ -134,6 +136,21 @@ class Detector(pl.LightningModule):
         self.log("train/lr", optimizer.optimizer.param_groups[1]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
         return loss
+
+    def _stop_unless_finite(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> None:
+        """Raise NonFiniteLoss, before the bad loss reaches the weights, if any process's loss is NaN or infinite."""
+        # One flag reduced over all processes, so that every rank stops together instead of the others waiting
+        # forever in the next gradient all-reduce; on one device it is a plain check.
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            return
+        last = run_dir(self.trainer) / "checkpoints" / "last.ckpt"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
+        raise NonFiniteLoss(
+            f"the training loss is not finite (this process: {loss.item():g}) at epoch {self.current_epoch}, batch "
+            f"{batch_idx}, optimizer step {self.trainer.global_step}; this batch's images: "
+            f"{', '.join(str(p) for p in batch['paths'])}. Training stopped before the weights changed and {kept}. "
+            "Check those images' labels, lower --model.recipe.lr0 or use --trainer.precision 32-true, then resume "
+            "with --ckpt_path.")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Lightning calls this after unscaling mixed-precision gradients, the right moment to clip them.

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tea_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # The yolov5 package would otherwise ask GitHub for updates and download a font on first plot.
@@ -17,7 +19,7 @@ os.environ.setdefault("YOLOv5_AUTOINSTALL", "false")
 os.environ.setdefault("YOLOv5_VERBOSE", "false")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model yaml or weights file that cannot be used; the message says which and what to do."""
 
 

@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from tea_lightning.errors import ConfigError
 from tea_lightning.model.complexity import macs_to_gflops
 from tea_lightning.model.recipe import ExponentialMovingAverage
 from tea_lightning.pruning.pruner import Importance, prune, ratio_for_macs, step_ratio
@@ -38,9 +39,9 @@ class ChannelPruning(pl.Callback):
         target = macs_reduction if macs_reduction is not None else pruning_ratio
         option = "macs_reduction" if macs_reduction is not None else "pruning_ratio"
         if target is None or not 0 < target < 1:
-            raise ValueError(f"--trainer.callbacks.{option} must be between 0 and 1 (exclusive), got {target}.")
+            raise ConfigError(f"--trainer.callbacks.{option} must be between 0 and 1 (exclusive), got {target}.")
         if not schedule or sorted(set(schedule)) != list(schedule) or min(schedule) < 0:
-            raise ValueError(f"--trainer.callbacks.schedule must list increasing epochs >= 0, got {list(schedule)}.")
+            raise ConfigError(f"--trainer.callbacks.schedule must list increasing epochs >= 0, got {list(schedule)}.")
         self.pruning_ratio, self.macs_reduction = pruning_ratio, macs_reduction
         self.schedule = list(schedule)
         self.prune_options = {"importance": importance, "global_pruning": global_pruning, "round_to": round_to,
@@ -59,7 +60,7 @@ class ChannelPruning(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.max_epochs is not None and self.schedule[-1] >= trainer.max_epochs:
-            raise ValueError(f"--trainer.callbacks.schedule has epoch {self.schedule[-1]} but training stops after "
+            raise ConfigError(f"--trainer.callbacks.schedule has epoch {self.schedule[-1]} but training stops after "
                              f"epoch {trainer.max_epochs - 1} (--trainer.max_epochs {trainer.max_epochs}); "
                              "schedule the last pruning step earlier or train longer.")
 

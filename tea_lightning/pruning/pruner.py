@@ -13,6 +13,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from tea_lightning.errors import ConfigError
 from tea_lightning.model.complexity import count_parameters
 from tea_lightning.pruning.structure import detect_output_convs
 
@@ -41,7 +42,7 @@ class PruneResult:
 def make_importance(name: str) -> tp.importance.Importance:
     """Return a new torch-pruning importance criterion for `name`, one of `Importance`."""
     if name not in _IMPORTANCES:
-        raise ValueError(f"importance={name!r} is unknown: choose one of {', '.join(_IMPORTANCES)}.")
+        raise ConfigError(f"importance={name!r} is unknown: choose one of {', '.join(_IMPORTANCES)}.")
     return _IMPORTANCES[name]()
 
 
@@ -55,7 +56,7 @@ def ignored_layers(model: nn.Module, names: Sequence[str] = ()) -> list[nn.Modul
     if unknown:
         top = [name for name in modules if name.count(".") == 1] or list(modules)[1:]
         examples = ", ".join([*top[:3], "...", top[-1]] if len(top) > 4 else top)
-        raise ValueError(f"ignored layer {unknown[0]!r} is not a module of the model: give names like {examples}.")
+        raise ConfigError(f"ignored layer {unknown[0]!r} is not a module of the model: give names like {examples}.")
     return [*detect_output_convs(model), *(modules[name] for name in names)]
 
 
@@ -66,7 +67,7 @@ def step_ratio(target: float, step: int, steps: int) -> float:
     """
     _check_ratio(target)
     if not 1 <= step <= steps:
-        raise ValueError(f"step must be between 1 and steps={steps}, got {step}.")
+        raise ConfigError(f"step must be between 1 and steps={steps}, got {step}.")
     remaining_before, remaining_after = (1 - target * k / steps for k in (step - 1, step))
     return 1 - remaining_after / remaining_before
 
@@ -95,7 +96,7 @@ def ratio_for_macs(model: nn.Module, example_inputs: Tensor, macs_reduction: flo
     """Return the `ratio` for which `prune(model, example_inputs, ratio, **prune_kwargs)` removes `macs_reduction`
     of the MACs (within `tolerance`, else the closest ratio tried); `model` itself is not changed."""
     if not 0 < macs_reduction < 1:
-        raise ValueError(f"macs_reduction must be between 0 and 1 (exclusive), got {macs_reduction}.")
+        raise ConfigError(f"macs_reduction must be between 0 and 1 (exclusive), got {macs_reduction}.")
     with _traceable(model):
         macs_before = _macs(model, example_inputs)
         low, high = 0.0, 1.0
@@ -134,12 +135,12 @@ def _prune_once(model: nn.Module, example_inputs: Tensor, ratio: float, importan
                 max_layer_ratio: float = 0.9, seed: int = 0) -> None:
     _check_ratio(ratio)
     if not 0 < max_layer_ratio < 1:
-        raise ValueError(f"max_layer_ratio must be between 0 and 1 (exclusive), got {max_layer_ratio}.")
+        raise ConfigError(f"max_layer_ratio must be between 0 and 1 (exclusive), got {max_layer_ratio}.")
     if round_to is not None and round_to < 1:
-        raise ValueError(f"round_to must be a positive number of channels or None, got {round_to}.")
+        raise ConfigError(f"round_to must be a positive number of channels or None, got {round_to}.")
     criterion = make_importance(importance)
     if importance == "taylor" and all(p.grad is None for p in model.parameters()):
-        raise ValueError("importance='taylor' needs gradients: run a forward and backward pass on a training batch "
+        raise ConfigError("importance='taylor' needs gradients: run a forward and backward pass on a training batch "
                          "before pruning (the pruning callback does this itself).")
     with _traceable(model):
         pruner = _LayerCappedPruner(model, example_inputs, criterion, global_pruning=global_pruning,
@@ -161,7 +162,7 @@ def _copy_with_gradients(model: nn.Module) -> nn.Module:
 
 def _check_ratio(ratio: float) -> None:
     if not 0 < ratio < 1:
-        raise ValueError(f"pruning_ratio must be between 0 and 1 (exclusive), got {ratio}.")
+        raise ConfigError(f"pruning_ratio must be between 0 and 1 (exclusive), got {ratio}.")
 
 
 @contextlib.contextmanager

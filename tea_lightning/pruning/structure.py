@@ -7,11 +7,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from tea_lightning.errors import UserError
+
 _RETRAIN_HINT = ("this checkpoint was made from another model yaml or class count: use the model config and nc "
                  "it was trained with")
 
 
-class StructureMismatch(ValueError):
+class StructureMismatch(UserError, ValueError):
     """A state dict that no pruning of the model could have produced; the message names the key and what to do."""
 
 

@@ -9,7 +9,7 @@ from pytorch_lightning import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tea_lightning.cli import cli_main  # noqa: E402
 from tea_lightning.pruning.callback import ChannelPruning  # noqa: E402
-from tests.test_cli import FAST  # noqa: E402
+from tests.conftest import FAST  # noqa: E402
 
 
 class SaveWeights(Callback):

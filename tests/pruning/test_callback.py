@@ -14,7 +14,7 @@ from tea_lightning.model.complexity import count_parameters
 from tea_lightning.model.recipe import ExponentialMovingAverage
 from tea_lightning.pruning.callback import ChannelPruning
 from tests.conftest import YOLOV5N, need
-from tests.test_cli import FAST
+from tests.conftest import FAST
 
 PRUNE = ["--trainer.callbacks+=tea_lightning.ChannelPruning", "--trainer.callbacks.pruning_ratio", "0.3"]
 

@@ -1,0 +1,81 @@
+"""Checkpoints that survive the machine: written atomically, and one written when a run is interrupted."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from tea_lightning.errors import CheckpointWriteError
+from tea_lightning.rundir import run_dir
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its own folder and renames it into place.
+
+    Lightning's writer stages the file in the system temp folder and moves it, which copies in place (not
+    atomically) when that folder is on another file system, so a full disk or a kill during the copy could leave a
+    truncated `last.ckpt`. A rename within one folder either happens whole or not at all.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options.")
+        path = Path(path)
+        temporary = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial",
+                                             delete=False) as f:
+                temporary = Path(f.name)
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except OSError as err:
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path}: {err.strerror or err}. Checkpoints written before it in "
+                f"{path.parent} are intact. Free disk space or give a writable --trainer.default_root_dir, then "
+                "resume with --ckpt_path and the newest checkpoint there.") from err
+
+
+def resume_command(checkpoint: Path) -> str:
+    """Return the command line that continues this run from `checkpoint`: the same arguments, new --ckpt_path."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            args.append(arg)
+    return shlex.join(["tea-lightning", *args, "--ckpt_path", str(checkpoint)])
+
+
+class SaveOnInterrupt(Checkpoint):
+    """On SIGTERM (preemption, `kill`, SLURM's time limit) or Ctrl+C during `fit`, writes `last.ckpt` of the run as
+    it stands after the last finished batch, so that `fit --ckpt_path last.ckpt` continues where it stopped.
+
+    Lightning's own OnExceptionCheckpoint saves on any error (also a broken config before training) and deletes its
+    file when a later run ends; here only interruptions count and the file is the one users resume from.
+    """
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        path = run_dir(trainer) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        cause = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl+C"
+        rank_zero_warn(f"Interrupted by {cause} at epoch {trainer.current_epoch}, after "
+                       f"{trainer.fit_loop.epoch_loop.batch_progress.current.completed} batches of it: the run "
+                       f"so far is saved in {path}. Continue it with:\n  {resume_command(path)}")

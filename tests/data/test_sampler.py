@@ -1,0 +1,23 @@
+"""The distributed evaluation sampler: every image once, in the batch it has on one process."""
+
+import pytest
+
+from tea_lightning.data.labels import DataError
+from tea_lightning.data.sampler import WholeBatchSampler
+
+
+@pytest.mark.parametrize("size, batch, world", [(42, 16, 2), (10, 4, 2), (10, 4, 3), (5, 8, 2), (8, 4, 2)])
+def test_every_image_once_in_its_single_process_batch(size, batch, world):
+    data = list(range(size))
+    ranks = [list(WholeBatchSampler(data, batch, world, rank)) for rank in range(world)]
+    assert sorted(i for r in ranks for i in r) == data  # no repeats, none missing
+    assert all(ranks)  # no rank without images
+    if size >= batch * world:
+        single = [data[s:s + batch] for s in range(0, size, batch)]
+        for rank, indices in enumerate(ranks):
+            assert [indices[s:s + batch] for s in range(0, len(indices), batch)] == single[rank::world]
+
+
+def test_fewer_images_than_processes_is_a_clear_error():
+    with pytest.raises(DataError, match="3 evaluation images cannot be shared by 4 processes"):
+        WholeBatchSampler(list(range(3)), 2, 4, 0)
