@@ -18,6 +18,10 @@ from tea_lightning.errors import CheckpointWriteError
 from tea_lightning.rundir import run_dir
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in its own folder and renames it into place.
 
@@ -39,6 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(temporary, 0o666 & ~_UMASK)  # temporary files are private (0600); checkpoints are not
             os.replace(temporary, path)
         except OSError as err:
             if temporary is not None:

@@ -85,6 +85,10 @@ class TeaCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         _check_writable(Path(trainer.default_root_dir or "."))
+        if config.get("ckpt_path"):
+            # Every weight comes from the checkpoint; LightningCLI copies its saved --model.weights into the config,
+            # a file that need not exist any more (a checkpoint moved to another machine).
+            config.model.weights = None
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
             if getattr(logger, "init_args", None) is None:
@@ -241,6 +245,13 @@ def check_data(argv: list[str]) -> None:
 EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt, "check-data": check_data}
 
 
+def _user_error_in(err: BaseException | None) -> UserError | None:
+    """Return the UserError that `err` is or was raised from (jsonargparse wraps errors of callbacks' options)."""
+    while err is not None and not isinstance(err, UserError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `tea-lightning` command: errors the user can fix end in their message and status 1."""
     args = sys.argv[1:] if argv is None else argv
@@ -252,8 +263,11 @@ def main(argv: list[str] | None = None) -> None:
             EXTRA_COMMANDS[args[0]](args[1:])
         else:
             cli_main(argv)  # None: LightningCLI reads sys.argv itself
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    except Exception as err:
+        cause = _user_error_in(err)
+        if cause is None:
+            raise  # a bug: the traceback is what a report needs
+        sys.exit(f"error: {cause}")
     except SIGTERMException:
         sys.exit(128 + 15)  # what a shell reports for a process ended by SIGTERM; SaveOnInterrupt said the rest
 

@@ -19,7 +19,9 @@ from tea_lightning.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+# YOLOv5 skips images under 10 pixels a side as corrupt: too small to hold an object at any stride.
+MIN_IMAGE_SIDE = 10
 # Labelling tools write 0.9999999 or 1.0000001; anything further outside [0, 1] is a real labelling error.
 COORD_TOLERANCE = 1e-5
 
@@ -209,8 +211,7 @@ def _parse_label_line(values: list[str], nc: int) -> tuple[np.ndarray | None, st
 def read_image_size(path: Path) -> tuple[int, int]:
     """Return (height, width) of an image as it is displayed, i.e. after its EXIF rotation; raise if unreadable."""
     with Image.open(path) as image:
-        image.verify()  # catches truncated and non-image files before training does
-    with Image.open(path) as image:
+        image.load()  # a full decode: catches truncated and non-image files before training does (once: cached)
         width, height = ImageOps.exif_transpose(image).size if _has_rotation(image) else image.size
     return height, width
 
@@ -220,14 +221,28 @@ def _has_rotation(image: Image.Image) -> bool:
     return image.getexif().get(0x0112, 1) != 1
 
 
+def orphan_labels(images: list[Path]) -> list[Path]:
+    """Return the label files in the images' label folders that belong to no image (often a renamed image)."""
+    expected = {label_path_for(image) for image in images}
+    folders = {label.parent for label in expected}
+    return sorted(label for folder in folders if folder.is_dir() for label in folder.glob("*.txt")
+                  if label not in expected)
+
+
 def scan_split(images: list[Path], nc: int) -> SplitIndex:
-    """Return the usable images of a split with their boxes; unreadable images and bad rows become problems."""
-    records, problems = [], []
+    """Return the usable images of a split with their boxes; unreadable or tiny images, bad rows and label files
+    without an image become problems."""
+    records = []
+    problems = [Problem(label, "label file without an image, ignored") for label in orphan_labels(images)]
     for image in images:
         try:
             height, width = read_image_size(image)
         except Exception as err:  # PIL raises many types for corrupt files; each becomes a reported problem
             problems.append(Problem(image, f"unreadable image, skipped ({type(err).__name__}: {err})"))
+            continue
+        if min(height, width) < MIN_IMAGE_SIDE:
+            problems.append(Problem(image, f"image is {width}x{height} pixels, under {MIN_IMAGE_SIDE} a side: "
+                                           "skipped"))
             continue
         label = label_path_for(image)
         if label.is_file():
@@ -242,6 +257,7 @@ def scan_split(images: list[Path], nc: int) -> SplitIndex:
 def _fingerprint(images: list[Path], nc: int) -> str:
     """Return a hash of the image and label files' names, sizes and modification times."""
     digest = hashlib.sha256(f"{CACHE_VERSION}:{nc}".encode())
+    digest.update(":".join(map(str, orphan_labels(images))).encode())
     for image in images:
         for path in (image, label_path_for(image)):
             try:

@@ -12,9 +12,17 @@ class TrainingSpeed(Callback):
     """Logs per epoch `train/images_per_s` (all processes together, training batches only), `train/seconds` and
     `val/seconds` (Lightning validates inside the training epoch, so each is clocked on its own)."""
 
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._images = 0
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start, self._images = time.perf_counter(), 0
         self._last_batch_end = self._start
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:  # a run resumed mid-epoch starts without on_train_epoch_start
+            self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += len(batch["images"])
@@ -31,3 +39,4 @@ class TrainingSpeed(Callback):
         seconds = self._last_batch_end - self._start
         pl_module.log("train/seconds", seconds, rank_zero_only=True)
         pl_module.log("train/images_per_s", self._images * trainer.world_size / seconds, rank_zero_only=True)
+        self._start = None

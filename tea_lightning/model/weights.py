@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,12 @@ log = logging.getLogger(__name__)
 # The yolov5 package would otherwise ask GitHub for updates and download a font on first plot.
 os.environ.setdefault("YOLOv5_AUTOINSTALL", "false")
 os.environ.setdefault("YOLOv5_VERBOSE", "false")
+
+import yolov5.utils.torch_utils  # noqa: E402,F401
+
+# Importing yolov5.utils.torch_utils hides every UserWarning of the process (filterwarnings('ignore',
+# category=UserWarning)), Lightning's and ours included: show them again, once per place as Python does by default.
+warnings.filterwarnings("default", category=UserWarning)
 
 
 class ModelConfigError(UserError, ValueError):

@@ -1,0 +1,29 @@
+"""Fault injection for tests/test_faults.py: callbacks that break a run at an exact epoch and batch."""
+
+import os
+
+import torch
+from pytorch_lightning import Callback
+
+
+class SignalAt(Callback):
+    """Sends `signum` to this process after training batch `batch` of epoch `epoch` (15: SIGTERM, 9: kill -9)."""
+
+    def __init__(self, epoch: int, batch: int, signum: int):
+        self.epoch, self.batch, self.signum = epoch, batch, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonWeights(Callback):
+    """Sets the first convolution's weights to NaN before batch `batch` of epoch `epoch`: a diverged model."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            with torch.no_grad():
+                pl_module.model.model[0].conv.weight.fill_(float("nan"))
