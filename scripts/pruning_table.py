@@ -20,25 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tea_lightning.cli import cli_main  # noqa: E402
-from tea_lightning.model.complexity import count_parameters, gflops  # noqa: E402
-from tea_lightning.report.latency import export_onnx, onnx_latency, torch_latency  # noqa: E402
+from tea_lightning.study.benchmark import measure  # noqa: E402
+from tea_lightning.study.sweep import prune_flags  # noqa: E402
 
 COMMON = ["--config", str(ROOT / "configs" / "yolov5n.yaml"), "--trainer.logger", "CSVLogger",
           "--trainer.enable_progress_bar", "false"]
-
-
-def prune_flags(ratio: float) -> list[str]:
-    """Return the command-line flags that add a one-shot ChannelPruning at epoch 0."""
-    return ["--trainer.callbacks+=tea_lightning.ChannelPruning", "--trainer.callbacks.pruning_ratio", str(ratio),
-            "--trainer.callbacks.schedule", "[0]"]
-
-
-def measure(model, img: int, onnx_path: Path) -> dict:
-    """Return params, GFLOPs and batch-1 latencies of a YOLOv5 model."""
-    threads = torch.get_num_threads()
-    return {"params": count_parameters(model), "gflops": gflops(model, img),
-            "torch_ms": torch_latency(model, img, 1).median_ms,
-            "onnx_ms": onnx_latency(export_onnx(model, onnx_path, img), img, 1, threads).median_ms}
 
 
 def validate(data: Path, img: int, out: Path, *extra: str) -> tuple[dict, object]:
@@ -92,11 +78,9 @@ def main() -> None:
     b = rows[0][1]
     for name, r in rows:
         tuned = r.get("finetuned")
-        print(f"| {name} | {r['params']:,} ({r['params'] / b['params'] - 1:+.0%}) | {r['gflops']:.2f} "
-              f"({r['gflops'] / b['gflops'] - 1:+.0%}) | {r['torch_ms']:.1f} "
-              f"({r['torch_ms'] / b['torch_ms'] - 1:+.0%}) "
-              f"| {r['onnx_ms']:.1f} ({r['onnx_ms'] / b['onnx_ms'] - 1:+.0%}) | {r['pruned']['mAP50']:.4f} / "
-              f"{r['pruned']['mAP50-95']:.4f} | "
+        costs = [f"{r[key]:{fmt}} ({r[key] / b[key] - 1:+.0%})" for key, fmt in (
+            ("params", ","), ("GFLOPs", ".2f"), ("latency_pytorch_ms", ".1f"), ("latency_onnxruntime_ms", ".1f"))]
+        print(f"| {name} | {' | '.join(costs)} | {r['pruned']['mAP50']:.4f} / {r['pruned']['mAP50-95']:.4f} | "
               + (f"{tuned['mAP50']:.4f} / {tuned['mAP50-95']:.4f} |" if tuned else "- |"))
 
 

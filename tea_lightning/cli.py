@@ -27,6 +27,9 @@ from tea_lightning.model.detector import Detector  # noqa: E402
 from tea_lightning.model.speed import TrainingSpeed  # noqa: E402
 from tea_lightning.model.writer import DetectionWriter  # noqa: E402
 from tea_lightning.rundir import run_dir  # noqa: E402
+from tea_lightning.study.benchmark import benchmark_main  # noqa: E402
+from tea_lightning.study.report import report_main  # noqa: E402
+from tea_lightning.study.sweep import sweep_main  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -242,7 +245,8 @@ def check_data(argv: list[str]) -> None:
         print(f"{problems} problem(s): the rows and images named above are skipped in training and validation.")
 
 
-EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt, "check-data": check_data}
+EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt, "check-data": check_data,
+                  "sweep": sweep_main, "report": report_main, "benchmark": benchmark_main}
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:

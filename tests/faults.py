@@ -27,3 +27,13 @@ class PoisonWeights(Callback):
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
             with torch.no_grad():
                 pl_module.model.model[0].conv.weight.fill_(float("nan"))
+
+
+class BrokenAutocast(Callback):
+    """Makes the first convolution return NaN under CPU autocast: a device whose mixed precision is broken."""
+
+    def setup(self, trainer, pl_module, stage):
+        def hook(module, inputs, output):
+            return output * float("nan") if torch.is_autocast_enabled("cpu") else output
+
+        pl_module.model.model[0].conv.register_forward_hook(hook)

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from tea_lightning.metrics.detection import CurveResult
 
-__all__ = ["curve_figures", "plot_curves"]
+__all__ = ["curve_figures", "plot_curves", "save_curve_arrays"]
 
 # Above this many classes per-class lines are drawn grey and unlabelled, or the legend would swamp the plot.
 MAX_LEGEND_CLASSES = 20
@@ -94,10 +94,22 @@ def curve_figures(curves: CurveResult, names: list[str]) -> dict[str, Figure]:
     return figures
 
 
+def save_curve_arrays(curves: CurveResult, path: Path) -> Path:
+    """Write the class-mean curves and their operating point to an .npz file, so that curves of several runs can
+    be overlaid later (`tea-lightning report`) without re-validating; return the path."""
+    np.savez(path, px=curves.px, pr=_class_mean(curves.pr_curve, curves.px),
+             precision=_class_mean(curves.precision_curve, curves.px),
+             recall=_class_mean(curves.recall_curve, curves.px), f1=_class_mean(curves.f1_curve, curves.px),
+             map50=curves.map50, conf=curves.conf)
+    return path
+
+
 def plot_curves(curves: CurveResult, names: list[str], out_dir: Path) -> list[Path]:
-    """Return the paths of PR_curve.png, P_curve.png, R_curve.png and F1_curve.png written to ``out_dir``."""
+    """Return the paths of PR_curve.png, P_curve.png, R_curve.png and F1_curve.png written to ``out_dir``; the
+    curves' arrays go beside them as curves.npz."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_curve_arrays(curves, out_dir / "curves.npz")
     paths = []
     for file_name, fig in curve_figures(curves, names).items():
         path = out_dir / file_name

@@ -119,7 +119,7 @@ def test_bad_pruning_options_are_clear_errors(synthetic_yaml, tmp_path, option, 
         fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "2", *PRUNE, f"--trainer.callbacks.{option}", value)
 
 
-def test_ddp_two_processes_prune_identically(synthetic_yaml, tmp_path):
+def test_ddp_two_processes_prune_identically_step_together_and_checkpoint_once(synthetic_yaml, tmp_path):
     script = Path(__file__).with_name("ddp_prune.py")
     result = subprocess.run([sys.executable, str(script), str(synthetic_yaml), str(need(YOLOV5N)), str(tmp_path)],
                             capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
@@ -129,3 +129,10 @@ def test_ddp_two_processes_prune_identically(synthetic_yaml, tmp_path):
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # same architecture, same weights
     assert ranks[0]["model.0.conv.weight"].shape[0] < 16  # and pruned (YOLOv5n's first conv has 16 outputs)
     assert ranks[0]["steps_done"].item() == 1
+    # 16 images / (2 processes x 4) = 2 batches per epoch, 6 in 3 epochs; warmup (4 iterations) ramps the
+    # accumulation from 1 to 16 / (4 x 2) = 2: steps after iterations 0, 1, 3 and 5. Accumulating as one process
+    # would (up to 16 / 4 = 4) gives 2 steps.
+    assert ranks[0]["optimizer_steps"].item() == ranks[1]["optimizer_steps"].item() == 4
+    writes = [line.split() for line in (tmp_path / "writes.txt").read_text().splitlines()]
+    assert {rank for rank, _ in writes} == {"0"}  # written once, by rank 0
+    assert [name for _, name in writes].count("last.ckpt") == 3 and ["0", "best.ckpt"] in writes

@@ -1,0 +1,11 @@
+#!/bin/bash
+# DDP training started by torchrun (one process per GPU), on one node or, run once per node, on several:
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 GPUS=4 scripts/torchrun_fit.sh [more tea-lightning fit options]
+# Lightning recognises torchrun's environment; it does not start processes of its own.
+set -euo pipefail
+GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
+NNODES=${NNODES:-1}
+.venv/bin/torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS" --node_rank "${NODE_RANK:-0}" \
+    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m tea_lightning.cli fit \
+    --config configs/yolov5s.yaml --config configs/data/tea_shoots.yaml --config configs/ddp.yaml \
+    --trainer.num_nodes "$NNODES" --trainer.devices "$GPUS" "$@"

@@ -1,0 +1,85 @@
+"""`tea-lightning benchmark`: size, GFLOPs and CPU latency of a checkpoint (pruned or not) in PyTorch eager and in
+ONNX Runtime, after an ONNX export checked against PyTorch's output."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tea_lightning.errors import ConfigError
+from tea_lightning.model.complexity import count_parameters, gflops
+from tea_lightning.report.latency import Latency, export_onnx, onnx_latency, torch_latency
+
+
+def onnxruntime_installed() -> bool:
+    """Return whether ONNX Runtime (an optional dependency) can be used."""
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def latencies(model: nn.Module, img_size: int, batches: list[int], onnx_path: Path | None, runs: int = 30,
+              warmup: int = 5) -> list[Latency]:
+    """Return PyTorch latencies for each batch size and, when `onnx_path` is given and ONNX Runtime is installed,
+    ONNX Runtime's too (after exporting there and checking the export), all with torch's thread count."""
+    threads = torch.get_num_threads()
+    results = [torch_latency(model, img_size, b, runs, warmup) for b in batches]
+    if onnx_path is not None and onnxruntime_installed():
+        export_onnx(model, onnx_path, img_size)
+        results += [onnx_latency(onnx_path, img_size, b, threads, runs, warmup) for b in batches]
+    return results
+
+
+def measure(model: nn.Module, img_size: int, onnx_path: Path | None, runs: int = 30, warmup: int = 5) -> dict:
+    """Return params, GFLOPs, batch-1 latencies (ms, None where ONNX Runtime is missing), the thread count and,
+    when exported, the ONNX file's size in MB: the figures a study compares models by."""
+    found = {lat.backend: lat.median_ms for lat in latencies(model, img_size, [1], onnx_path, runs, warmup)}
+    exported = onnx_path is not None and "onnxruntime" in found
+    return {"params": count_parameters(model), "GFLOPs": gflops(model, img_size),
+            "latency_pytorch_ms": found["pytorch"], "latency_onnxruntime_ms": found.get("onnxruntime"),
+            "latency_threads": torch.get_num_threads(),
+            "onnx_MB": onnx_path.stat().st_size / 1e6 if exported else None}
+
+
+def benchmark_main(argv: list[str]) -> None:
+    """Measure a checkpoint's batch-1 and batch-N CPU latency in PyTorch and ONNX Runtime (and export it to ONNX)."""
+    from tea_lightning.model.detector import Detector
+
+    parser = argparse.ArgumentParser(prog="tea-lightning benchmark", description=benchmark_main.__doc__)
+    parser.add_argument("checkpoint", type=Path, help="a tea-lightning .ckpt, pruned or not")
+    parser.add_argument("--img", type=int, default=None, help="image size (default: the checkpoint's)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per figure; the median is reported")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--onnx", type=Path, default=None, help="keep the verified ONNX export here")
+    options = parser.parse_args(argv)
+    if not options.checkpoint.is_file():
+        raise ConfigError(f"checkpoint {options.checkpoint} does not exist.")
+    if options.runs < 1 or options.warmup < 0 or min(options.batch) < 1:
+        raise ConfigError("--runs and --batch must be at least 1 and --warmup at least 0.")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if options.onnx and not onnxruntime_installed():
+        raise ConfigError("--onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime")
+    detector = Detector.load_from_checkpoint(options.checkpoint, map_location="cpu", weights_only=False)
+    img = options.img or detector.hparams.img_size
+    if img % 32:
+        raise ConfigError(f"--img must be a multiple of 32, got {img}.")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = options.onnx or Path(tmp) / "model.onnx"
+        results = latencies(detector.model, img, options.batch, onnx_path, options.runs, options.warmup)
+    print(f"{options.checkpoint}: {count_parameters(detector.model):,} parameters, "
+          f"{gflops(detector.model, img):.2f} GFLOPs at {img}x{img}; CPU, {torch.get_num_threads()} threads, "
+          f"median of {options.runs} runs after {options.warmup} warm-up runs")
+    print("| backend | batch | median ms | p90 ms | ms per image |\n|---|---|---|---|---|")
+    for lat in results:
+        print(f"| {lat.backend} | {lat.batch} | {lat.median_ms:.1f} | {lat.p90_ms:.1f} | "
+              f"{lat.median_ms / lat.batch:.1f} |")
+    if not onnxruntime_installed():
+        print("ONNX Runtime is not installed (pip install onnx onnxruntime): PyTorch figures only.")
+    elif options.onnx:
+        print(f"ONNX export (checked against PyTorch): {options.onnx}")

@@ -1,0 +1,207 @@
+"""The study end to end on the synthetic set: the sweep's chain, its state file, a crash and the resume, a rerun
+that does nothing, the report's numbers against the W&B runs, and the benchmark command."""
+
+import json
+import re
+import zlib
+
+import matplotlib.image
+import numpy as np
+import pytest
+from wandb.proto import wandb_internal_pb2
+
+import tea_lightning.cli
+from tea_lightning.errors import ConfigError
+from tea_lightning.study.benchmark import benchmark_main
+from tea_lightning.study.figures import pareto_front
+from tea_lightning.study.report import report_main
+from tea_lightning.study.sweep import BestMetrics, STATE_FILE, sweep_main
+from tea_lightning.study.wandb_runs import BLOCK, CHUNK_HEADER, FILE_HEADER, FIRST, FULL, LAST, MIDDLE, _records, \
+    offline_runs
+from tests.conftest import FAST
+
+EXTRA = [a for a in FAST if a not in ("--trainer.logger", "CSVLogger")]  # the sweep logs to W&B (offline)
+STEPS = ["yolov5n/baseline", "yolov5n/eval", "yolov5n/prune-0.3", "yolov5n/finetune-0.3", "yolov5n/eval-0.3"]
+
+
+def sweep_args(data, out, **changes):
+    options = {"--models": "yolov5n", "--ratios": "0.3", "--img": "128", "--batch": "4", "--epochs": "1",
+               "--finetune-epochs": "2", "--latency-runs": "2", "--study": "t", **changes}
+    return ["--data", str(data), "--out", str(out), *[v for kv in options.items() for v in kv], "--", *EXTRA]
+
+
+def counted_sweep(monkeypatch, argv) -> list[list[str]]:
+    """Run the sweep and return the argument lists of the tea-lightning runs it started."""
+    calls, real = [], tea_lightning.cli.cli_main
+    monkeypatch.setattr(tea_lightning.cli, "cli_main", lambda args: calls.append(args) or real(args))
+    sweep_main(argv)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def study(synthetic_yaml, tmp_path_factory):
+    """Run the sweep, crashing in the fine-tune's second epoch; run it again (it resumes); return the folder,
+    the runs of the second sweep and those of a third."""
+    out = tmp_path_factory.mktemp("study") / "s"
+
+    def crash_in_epoch_1(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.delenv("WANDB_API_KEY", raising=False)
+        mp.setattr(BestMetrics, "on_train_epoch_start", crash_in_epoch_1, raising=False)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            sweep_main(sweep_args(synthetic_yaml, out))
+        crashed_state = json.loads((out / STATE_FILE).read_text())
+        mp.undo()
+        mp.setenv("WANDB_MODE", "offline")
+        mp.delenv("WANDB_API_KEY", raising=False)
+        resumed = counted_sweep(mp, sweep_args(synthetic_yaml, out))
+        again = counted_sweep(mp, sweep_args(synthetic_yaml, out))
+    return out, crashed_state, resumed, again
+
+
+def run_of(out, step):
+    """Return the W&B run of a step, all its offline sessions merged."""
+    state = json.loads((out / STATE_FILE).read_text())
+    (run,) = [r for r in offline_runs([out]) if r.id == state["steps"][step]["run_id"]]
+    return run
+
+
+def test_the_crash_keeps_finished_steps_and_the_rerun_resumes_the_fit(study):
+    out, crashed, resumed, _ = study
+    assert list(crashed["steps"]) == STEPS[:3]
+    assert [args[0] for args in resumed] == ["fit", "validate"]  # only the unfinished steps
+    fit = resumed[0]
+    last = fit[fit.index("--ckpt_path") + 1]
+    assert last.endswith("checkpoints/last.ckpt") and "finetune-0.3" in last
+    # the resumed fit wrote on in the same W&B run: two offline sessions of one id, epoch 0 only in the first
+    state = json.loads((out / STATE_FILE).read_text())
+    run_id = state["steps"]["yolov5n/finetune-0.3"]["run_id"]
+    sessions = sorted((out / "yolov5n" / "finetune-0.3" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(sessions) == 2
+    epochs = [{row["epoch"] for row in run.history if "train/box_loss" in row}
+              for s in sessions for run in offline_runs([s])]
+    assert epochs == [{0}, {1}]
+
+
+def test_the_state_file_records_every_step_and_a_rerun_does_no_work(study):
+    out, _, _, again = study
+    state = json.loads((out / STATE_FILE).read_text())
+    assert list(state["steps"]) == STEPS and again == []
+    steps = state["steps"]
+    base, pruned = steps["yolov5n/baseline"]["results"], steps["yolov5n/prune-0.3"]["results"]
+    assert pruned["params"] < 0.6 * base["params"] and pruned["GFLOPs"] < 0.6 * base["GFLOPs"]
+    # the fine-tune's best checkpoint, re-validated by the eval step, gives the metrics the fit kept as best
+    tuned, evaluated = steps["yolov5n/finetune-0.3"]["results"], steps["yolov5n/eval-0.3"]["results"]
+    assert evaluated["fitness"] == pytest.approx(tuned["fitness"], abs=1e-6)
+    assert steps["yolov5n/eval-0.3"]["checkpoint"] == steps["yolov5n/finetune-0.3"]["checkpoint"]
+
+
+def test_every_run_is_in_wandb_with_group_job_type_config_and_final_summary(study):
+    out, *_ = study
+    state = json.loads((out / STATE_FILE).read_text())
+    for step, entry in state["steps"].items():
+        run = run_of(out, step)
+        assert run.group == "t" and run.job_type == entry["job_type"] and entry["job_type"] in run.tags
+        assert run.config["model"] == "yolov5n" and run.config["pruning_ratio"] == entry["ratio"]
+        assert run.config["importance"] == "l2" and run.config["seed"] == 0
+        assert run.config["params"] == entry["results"]["params"]
+        assert run.config["GFLOPs"] == entry["results"]["GFLOPs"]
+        for key, value in entry["results"].items():
+            if value is not None:
+                assert run.summary[f"final/{key}"] == value
+        assert run.summary["final/latency_pytorch_ms"] > 0 and run.summary["final/latency_onnxruntime_ms"] > 0
+
+
+def test_report_table_equals_the_wandb_summaries_and_figures_are_written(study, tmp_path, monkeypatch):
+    out, *_ = study
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    report_main([str(out), "--out", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    table = md.split("## Every run")[1].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+    assert len(rows) == len(STEPS)
+    for row in rows:
+        summary = next(r for r in offline_runs([out]) if r.id == row["W&B run"]).summary
+        assert row["mAP50-95"] == f"{summary['final/mAP50-95']:.4f}" and row["F1"] == f"{summary['final/f1']:.3f}"
+        assert row["params"] == f"{summary['final/params']:,}" and row["GFLOPs"] == f"{summary['final/GFLOPs']:.3f}"
+        assert row["PyTorch ms (b1)"] == f"{summary['final/latency_pytorch_ms']:.1f}"
+    html = (tmp_path / "report.html").read_text()
+    for name in ("curves_yolov5n.png", "losses_yolov5n.png", "tradeoff.png"):
+        assert f"]({name})" in md and f'src="{name}"' in html
+        height, width, _ = matplotlib.image.imread(tmp_path / name).shape
+        assert height > 400 and width > 700
+
+
+def test_pareto_front_keeps_only_points_nothing_beats():
+    costs = np.array([1.0, 2.0, 2.0, 3.0, 4.0])
+    scores = np.array([0.1, 0.3, 0.2, 0.25, 0.5])
+    assert pareto_front(costs, scores).tolist() == [0, 1, 4]
+
+
+def leveldb_log(payloads: list[bytes]) -> bytes:
+    """Frame payloads as wandb's transaction log does (LevelDB log format): 32 KiB blocks, chunks split across
+    blocks, block tails under a header's size zero-padded."""
+    out = bytearray(FILE_HEADER.pack(b":W&B", 0xBEE1, 0))
+    for data in payloads:
+        first = True
+        while first or data:
+            left = BLOCK - len(out) % BLOCK
+            if left < CHUNK_HEADER.size:
+                out += bytes(left)
+                continue
+            chunk, data = data[:left - CHUNK_HEADER.size], data[left - CHUNK_HEADER.size:]
+            kind = (FULL if not data else FIRST) if first else (LAST if not data else MIDDLE)
+            out += CHUNK_HEADER.pack(zlib.crc32(chunk, zlib.crc32(bytes([kind]))), len(chunk), kind) + chunk
+            first = False
+    return bytes(out)
+
+
+def test_transaction_log_reader_joins_chunks_across_blocks_and_stops_at_a_torn_end(tmp_path):
+    records = []
+    # the second record spans three blocks; the third ends 3 bytes before a block end, which is then zero padding
+    for i, size in enumerate([100, 70000, 28108, 50]):
+        record = wandb_internal_pb2.Record()
+        item = record.history.item.add()
+        item.key, item.value_json = f"k{i}", json.dumps("x" * size)
+        records.append(record)
+    log = tmp_path / "run-x.wandb"
+    log.write_bytes(leveldb_log([r.SerializeToString() for r in records]))
+    assert [r.history.item[0].value_json for r in _records(log)] == [r.history.item[0].value_json for r in records]
+    log.write_bytes(log.read_bytes()[:-10])  # a run killed while writing its last record
+    assert len(list(_records(log))) == len(records) - 1
+
+
+def test_benchmark_prints_batch_1_and_n_latency_of_a_pruned_checkpoint(study, tmp_path, capsys):
+    out, *_ = study
+    checkpoint = json.loads((out / STATE_FILE).read_text())["steps"]["yolov5n/finetune-0.3"]["checkpoint"]
+    benchmark_main([checkpoint, "--img", "64", "--batch", "1", "2", "--runs", "3", "--warmup", "1",
+                    "--onnx", str(tmp_path / "m.onnx")])
+    printed = capsys.readouterr().out
+    assert "875,383 parameters" in printed and (tmp_path / "m.onnx").is_file()
+    found = re.findall(r"\| (pytorch|onnxruntime) \| (\d) \| ([\d.]+) \|", printed)
+    assert {(b, n) for b, n, _ in found} == {("pytorch", "1"), ("pytorch", "2"), ("onnxruntime", "1"),
+                                              ("onnxruntime", "2")}
+    assert all(float(ms) > 0 for *_, ms in found)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--ratios": "1.5"}, "--ratios must lie between 0 and 1"),
+    ({"--models": "yolov5q"}, "no configs/<model>.yaml"),
+    ({"--img": "100"}, "multiple of 32"),
+])
+def test_bad_options_are_named(synthetic_yaml, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep_main(sweep_args(synthetic_yaml, tmp_path, **change))
+
+
+def test_a_study_folder_refuses_other_options(study, synthetic_yaml):
+    out, *_ = study
+    with pytest.raises(ConfigError, match="--epochs was 1, now 3"):
+        sweep_main(sweep_args(synthetic_yaml, out, **{"--epochs": "3"}))
+    with pytest.raises(ConfigError, match="--weights takes MODEL=PATH"):
+        sweep_main(sweep_args(synthetic_yaml, out, **{"--weights": "yolov5s=x.pt"}))
