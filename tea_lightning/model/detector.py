@@ -197,11 +197,13 @@ class Detector(pl.LightningModule):
         # YOLOv5's own AP (101-point, with its end point at recall 1) beside the COCO one: the numbers YOLOv5
         # users know, which differ from COCO's when recall stays low.
         summary["yolov5_mAP50"], summary["yolov5_mAP50-95"] = results["curves"].map50, results["curves"].map
+        # Every process computed these over all processes' images (DetectionMetrics gathers them): averaging equal
+        # values changes nothing and tells Lightning they are global.
         for key, value in summary.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key in ("mAP50", "mAP50-95"))
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("mAP50", "mAP50-95"), sync_dist=True)
         for name, ap50, ap in zip(self.names, results["ap50_per_class"], results["ap_per_class"]):
-            self.log(f"{stage}/AP50/{name}", float(ap50))
-            self.log(f"{stage}/AP50-95/{name}", float(ap))
+            self.log(f"{stage}/AP50/{name}", float(ap50), sync_dist=True)
+            self.log(f"{stage}/AP50-95/{name}", float(ap), sync_dist=True)
         if self.hparams.plots and self._should_plot():
             self._write_plots(results["curves"], stage)
 

@@ -82,14 +82,18 @@ def tradeoff(points: list[dict], axes_spec: list[tuple[str, str]], path: Path) -
     markers = {"baseline": "o", "pruned, no fine-tuning": "x", "pruned + fine-tuned": "s"}
     for ax, (key, xlabel) in zip(np.atleast_1d(fig.subplots(1, len(axes_spec))), axes_spec):
         usable = [p for p in points if p.get(key) is not None]
-        for p in usable:
+        front = pareto_front(np.array([p[key] for p in usable]), np.array([p["mAP50-95"] for p in usable])) \
+            if usable else []
+        for i, p in enumerate(usable):
             ax.scatter(p[key], p["mAP50-95"], color=colors[p["model"]], marker=markers[p["kind"]], s=60)
-            # a pruned model and its fine-tuned self share a cost: label one above and one below the point
+            # Collapsed (not fine-tuned) models pile up near zero: their colour and marker say enough unless
+            # they are on the front. Below the point, so as not to cover their fine-tuned self at the same cost.
             below = p["kind"] == "pruned, no fine-tuning"
-            ax.annotate(p["label"], (p[key], p["mAP50-95"]), textcoords="offset points",
-                        xytext=(5, -12 if below else 5), fontsize=8)
+            if not below or i in front:
+                ax.annotate(p["label"], (p[key], p["mAP50-95"]), textcoords="offset points",
+                            xytext=(5, -12 if below else 5), fontsize=8)
+        ax.margins(x=0.12)  # room for the labels of the right-most points
         if usable:
-            front = pareto_front(np.array([p[key] for p in usable]), np.array([p["mAP50-95"] for p in usable]))
             xs, ys = [usable[i][key] for i in front], [usable[i]["mAP50-95"] for i in front]
             ax.step(xs, ys, where="post", color="black", linestyle="--", linewidth=1)
             ax.scatter(xs, ys, s=220, facecolors="none", edgecolors="black")
