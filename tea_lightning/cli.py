@@ -31,6 +31,10 @@ from tea_lightning.study.benchmark import benchmark_main  # noqa: E402
 from tea_lightning.study.report import report_main  # noqa: E402
 from tea_lightning.study.sweep import sweep_main  # noqa: E402
 
+# demo and sweep run LightningCLI in-process with their own arguments on purpose. (Set after the imports: importing
+# the model module puts UserWarnings back on, ahead of earlier filters.)
+warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended", category=UserWarning)
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
