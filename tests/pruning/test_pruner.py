@@ -99,6 +99,16 @@ def test_batchnorm_statistics_and_mode_survive_except_for_removed_channels(model
         assert int(bn.num_batches_tracked) == batches
 
 
+def test_sync_batchnorm_is_pruned_with_its_convolution(model):
+    # --trainer.sync_batchnorm true converts every BatchNorm2d before the first pruning step
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).train()
+    prune(model, IMAGES, 0.3)
+    for module in model.modules():
+        if hasattr(module, "conv") and isinstance(getattr(module, "bn", None), nn.SyncBatchNorm):
+            assert module.bn.weight.shape[0] == module.bn.running_mean.shape[0] == module.conv.out_channels
+    assert model.model[0].conv.out_channels < 16
+
+
 def test_frozen_half_precision_model_is_pruned_and_stays_so(model):
     """Official checkpoints hold frozen float16 weights, through which autograd traces nothing."""
     model.half().requires_grad_(False)
