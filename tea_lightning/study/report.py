@@ -223,8 +223,9 @@ def report_main(argv: list[str]) -> None:
         runs = [r for r in runs if r.group == options.study]
     rows = rows_of(runs)
     if not rows:
-        raise ConfigError("no sweep runs (W&B runs with final/* results) found in "
-                          f"{', '.join(map(str, options.runs)) or 'no folder'}"
+        where = f"in {', '.join(map(str, options.runs))}" if options.runs else \
+            "(no folder given: name the sweep's --out folder, e.g. tea-lightning report runs/study)"
+        raise ConfigError(f"no sweep runs (W&B runs with final/* results) found {where}"
                           + (f" for study {options.study!r}" if options.study else "") + ".")
     out = options.out or (options.runs[0] if options.runs else Path(".")) / "report"
     studies = sorted({r["data"].group for r in rows})
