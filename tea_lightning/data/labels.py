@@ -229,11 +229,11 @@ def orphan_labels(images: list[Path]) -> list[Path]:
                   if label not in expected)
 
 
-def scan_split(images: list[Path], nc: int) -> SplitIndex:
-    """Return the usable images of a split with their boxes; unreadable or tiny images, bad rows and label files
-    without an image become problems."""
+def scan_split(images: list[Path], nc: int, orphans: list[Path]) -> SplitIndex:
+    """Return the usable images of a split with their boxes; unreadable or tiny images, bad rows and the label
+    files without an image (`orphans`, from orphan_labels) become problems."""
     records = []
-    problems = [Problem(label, "label file without an image, ignored") for label in orphan_labels(images)]
+    problems = [Problem(label, "label file without an image, ignored") for label in orphans]
     for image in images:
         try:
             height, width = read_image_size(image)
@@ -254,10 +254,11 @@ def scan_split(images: list[Path], nc: int) -> SplitIndex:
     return SplitIndex(records, problems)
 
 
-def _fingerprint(images: list[Path], nc: int) -> str:
-    """Return a hash of the image and label files' names, sizes and modification times."""
+def _fingerprint(images: list[Path], nc: int, orphans: list[Path]) -> str:
+    """Return a hash of the image and label files' names, sizes and modification times, and of the orphan labels'
+    names."""
     digest = hashlib.sha256(f"{CACHE_VERSION}:{nc}".encode())
-    digest.update(":".join(map(str, orphan_labels(images))).encode())
+    digest.update(":".join(map(str, orphans)).encode())
     for image in images:
         for path in (image, label_path_for(image)):
             try:
@@ -281,11 +282,12 @@ def load_split(spec: DataSpec, split: str, cache_dir: Path | None = None) -> Spl
     if not images:
         raise DataError(f"no images found for '{split}' in {', '.join(map(str, spec.splits[split]))} "
                         f"(from {spec.yaml_path}); supported suffixes: {', '.join(IMAGE_SUFFIXES)}.")
-    key = _fingerprint(images, spec.nc)
+    orphans = orphan_labels(images)
+    key = _fingerprint(images, spec.nc, orphans)
     cache = (cache_dir or default_cache_dir()) / f"{split}-{key[:24]}.cache"
     index = _read_cache(cache, key)
     if index is None:
-        index = scan_split(images, spec.nc)
+        index = scan_split(images, spec.nc, orphans)
         _write_cache(cache, key, index)
     if not index.records:
         raise DataError(f"no usable image for '{split}' in {', '.join(map(str, spec.splits[split]))}: "
