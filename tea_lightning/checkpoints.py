@@ -55,7 +55,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def resume_command(checkpoint: Path) -> str:
-    """Return the command line that continues this run from `checkpoint`: the same arguments, new --ckpt_path."""
+    """Return how to continue this run from `checkpoint`: the same `fit` command line with a new --ckpt_path; for
+    a sweep, the sweep again (it resumes by itself); for a fit inside another command (demo), a fit of the
+    configuration saved in the run folder."""
+    if sys.argv[1:2] == ["sweep"]:
+        return f"{shlex.join(['tea-lightning', *sys.argv[1:]])} (it resumes from {checkpoint})"
+    if sys.argv[1:2] != ["fit"]:
+        return shlex.join(["tea-lightning", "fit", "--config", str(checkpoint.parent.parent / "config.yaml"),
+                           "--ckpt_path", str(checkpoint)])
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:

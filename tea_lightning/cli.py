@@ -200,6 +200,10 @@ def demo(argv: list[str]) -> None:
     fit = cli_main(["fit", *common, "--trainer.max_epochs", str(options.epochs)])
     best = fit.trainer.checkpoint_callback.best_model_path
     print(f"Best checkpoint: {best}")
+    if isinstance(fit.trainer.logger, WandbLogger):
+        # Lightning's WandbLogger adopts a W&B run left open: the validation would log into the fit's run and
+        # folder, overwriting its config.yaml.
+        fit.trainer.logger.experiment.finish()
     cli_main(["validate", *common, "--ckpt_path", best])
 
 
