@@ -4,7 +4,6 @@ ONNX Runtime, after an ONNX export checked against PyTorch's output."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -16,32 +15,26 @@ from tea_lightning.model.complexity import count_parameters, gflops
 from tea_lightning.report.latency import Latency, export_onnx, onnx_latency, torch_latency
 
 
-def onnxruntime_installed() -> bool:
-    """Return whether ONNX Runtime (an optional dependency) can be used."""
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
-
-
 def latencies(model: nn.Module, img_size: int, batches: list[int], onnx_path: Path | None, runs: int = 30,
               warmup: int = 5) -> list[Latency]:
-    """Return PyTorch latencies for each batch size and, when `onnx_path` is given and ONNX Runtime is installed,
-    ONNX Runtime's too (after exporting there and checking the export), all with torch's thread count."""
+    """Return PyTorch latencies for each batch size and, when `onnx_path` is given, ONNX Runtime's too (after
+    exporting there and checking the export), all with torch's thread count."""
     threads = torch.get_num_threads()
     results = [torch_latency(model, img_size, b, runs, warmup) for b in batches]
-    if onnx_path is not None and onnxruntime_installed():
+    if onnx_path is not None:
         export_onnx(model, onnx_path, img_size)
         results += [onnx_latency(onnx_path, img_size, b, threads, runs, warmup) for b in batches]
     return results
 
 
 def measure(model: nn.Module, img_size: int, onnx_path: Path | None, runs: int = 30, warmup: int = 5) -> dict:
-    """Return params, GFLOPs, batch-1 latencies (ms, None where ONNX Runtime is missing), the thread count and,
+    """Return params, GFLOPs, batch-1 latencies (ms; ONNX Runtime's None without `onnx_path`), the thread count and,
     when exported, the ONNX file's size in MB: the figures a study compares models by."""
     found = {lat.backend: lat.median_ms for lat in latencies(model, img_size, [1], onnx_path, runs, warmup)}
-    exported = onnx_path is not None and "onnxruntime" in found
     return {"params": count_parameters(model), "GFLOPs": gflops(model, img_size),
             "latency_pytorch_ms": found["pytorch"], "latency_onnxruntime_ms": found.get("onnxruntime"),
             "latency_threads": torch.get_num_threads(),
-            "onnx_MB": onnx_path.stat().st_size / 1e6 if exported else None}
+            "onnx_MB": onnx_path.stat().st_size / 1e6 if onnx_path is not None else None}
 
 
 def benchmark_main(argv: list[str]) -> None:
@@ -63,8 +56,6 @@ def benchmark_main(argv: list[str]) -> None:
         raise ConfigError("--runs and --batch must be at least 1 and --warmup at least 0.")
     if options.threads:
         torch.set_num_threads(options.threads)
-    if options.onnx and not onnxruntime_installed():
-        raise ConfigError("--onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime")
     detector = Detector.load_from_checkpoint(options.checkpoint, map_location="cpu", weights_only=False)
     img = options.img or detector.hparams.img_size
     if img % 32:
@@ -79,7 +70,5 @@ def benchmark_main(argv: list[str]) -> None:
     for lat in results:
         print(f"| {lat.backend} | {lat.batch} | {lat.median_ms:.1f} | {lat.p90_ms:.1f} | "
               f"{lat.median_ms / lat.batch:.1f} |")
-    if not onnxruntime_installed():
-        print("ONNX Runtime is not installed (pip install onnx onnxruntime): PyTorch figures only.")
-    elif options.onnx:
+    if options.onnx:
         print(f"ONNX export (checked against PyTorch): {options.onnx}")
