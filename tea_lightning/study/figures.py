@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-LOSSES = ("box_loss", "obj_loss", "cls_loss")
+from tea_lightning.model.detector import LOSS_NAMES
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -48,7 +48,7 @@ def loss_curves(title: str, runs: list[tuple[str, list[dict], int]], path: Path)
     fig.suptitle(title)
     axes = fig.subplots(2, 3)
     for row, stage in enumerate(("train", "val")):
-        for col, loss in enumerate(LOSSES):
+        for col, loss in enumerate(LOSS_NAMES):
             ax = axes[row, col]
             for label, history, offset in runs:
                 epochs, values = per_epoch(history, f"{stage}/{loss}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tea_lightning.errors import ConfigError
+from tea_lightning.model.detector import LOSS_NAMES
 from tea_lightning.study import figures
 from tea_lightning.study.wandb_runs import RunData, api_available, offline_runs, online_runs
 
@@ -189,7 +190,7 @@ def publish(project: str, study: str) -> str | None:
               wr.ScatterPlot(x="final/latency_onnxruntime_ms", y="final/mAP50-95"),
               wr.BarPlot(metrics=["final/mAP50-95", "final/mAP50"]),
               *(wr.LinePlot(x="epoch", y=[f"val/{m}"]) for m in ("mAP50-95", "precision", "recall", "f1")),
-              *(wr.LinePlot(x="epoch", y=[f"{s}/{loss}"]) for s in ("train", "val") for loss in figures.LOSSES),
+              *(wr.LinePlot(x="epoch", y=[f"{s}/{loss}"]) for s in ("train", "val") for loss in LOSS_NAMES),
               wr.RunComparer()]
     report = wr.Report(entity=entity or None, project=name, title=f"Pruning study {study}",
                        description="Baselines, one-shot pruned and fine-tuned models (tea-lightning sweep).",
