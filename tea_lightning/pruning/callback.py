@@ -9,7 +9,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from tea_lightning.errors import ConfigError
 from tea_lightning.model.complexity import macs_to_gflops
 from tea_lightning.model.recipe import ExponentialMovingAverage
-from tea_lightning.pruning.pruner import Importance, prune, ratio_for_macs, step_ratio
+from tea_lightning.pruning.pruner import Importance, SparsityRegularizer, prune, ratio_for_macs, step_ratio
 
 
 class ChannelPruning(pl.Callback):
@@ -30,25 +30,33 @@ class ChannelPruning(pl.Callback):
             alone; the Detect head's output convolutions always are.
         max_layer_ratio: the largest share of any one layer's channels that may go.
         seed: seed of the random criterion (the same on every process).
+        sparsity: strength of a sparsity penalty applied in the training before the last pruning step, so that the
+            channels to be removed shrink first and the pruned model loses less (0: none; see SparsityRegularizer).
+            The penalty acts through the optimizer steps, so it needs epochs before the pruning step, e.g.
+            `schedule: [5]`; about 0.005 shrinks the least important channels by half over 50 steps of YOLOv5's
+            recipe.
     """
 
     def __init__(self, pruning_ratio: float | None = 0.3, macs_reduction: float | None = None,
                  schedule: list[int] = (0,), importance: Importance = "l2", global_pruning: bool = False,
                  round_to: int | None = 8, ignored_layers: list[str] = (), max_layer_ratio: float = 0.9,
-                 seed: int = 0):
+                 seed: int = 0, sparsity: float = 0.0):
         target = macs_reduction if macs_reduction is not None else pruning_ratio
         option = "macs_reduction" if macs_reduction is not None else "pruning_ratio"
         if target is None or not 0 < target < 1:
             raise ConfigError(f"--trainer.callbacks.{option} must be between 0 and 1 (exclusive), got {target}.")
         if not schedule or sorted(set(schedule)) != list(schedule) or min(schedule) < 0:
             raise ConfigError(f"--trainer.callbacks.schedule must list increasing epochs >= 0, got {list(schedule)}.")
-        self.pruning_ratio, self.macs_reduction = pruning_ratio, macs_reduction
+        if sparsity < 0:
+            raise ConfigError(f"--trainer.callbacks.sparsity must be >= 0, got {sparsity}.")
+        self.pruning_ratio, self.macs_reduction, self.sparsity = pruning_ratio, macs_reduction, sparsity
         self.schedule = list(schedule)
         self.prune_options = {"importance": importance, "global_pruning": global_pruning, "round_to": round_to,
                               "ignored_names": list(ignored_layers), "max_layer_ratio": max_layer_ratio,
                               "seed": seed}
         self.steps_done = 0
         self.channel_ratio: float | None = None  # resolved from macs_reduction on the unpruned model
+        self._regularizer: SparsityRegularizer | None = None  # built for the current architecture when needed
 
     # ---- state kept in checkpoints, so that resuming never prunes twice ----------------------------------------
     def state_dict(self) -> dict:
@@ -70,6 +78,16 @@ class ChannelPruning(pl.Callback):
         while self.steps_done < len(due):
             self._step(trainer, pl_module, step_ratio(self._target(pl_module), self.steps_done + 1,
                                                       len(self.schedule)))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        # Lightning calls this on unscaled gradients, after DDP's all-reduce: every rank adds the same penalty.
+        if self.sparsity == 0 or self.steps_done == len(self.schedule):
+            return
+        if self._regularizer is None:
+            self._regularizer = SparsityRegularizer(pl_module.model, self._example(pl_module), self.sparsity,
+                                                    self.prune_options["importance"],
+                                                    self.prune_options["ignored_names"])
+        self._regularizer.regularize()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prune_once_for_evaluation(trainer, pl_module)
@@ -104,6 +122,7 @@ class ChannelPruning(pl.Callback):
             result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options)
         pl_module.model.zero_grad(set_to_none=True)
         self.steps_done += 1
+        self._regularizer = None  # its dependency graph holds the modules as they were
         # prune() counted MACs on an img_size input, as the model's GFLOPs figure does: no second trace needed
         after = {"model/params": result.params_after, "model/GFLOPs": macs_to_gflops(result.macs_after)}
         rank_zero_info(
@@ -116,6 +135,7 @@ class ChannelPruning(pl.Callback):
             logger.log_metrics({**after, "model/pruning_steps": self.steps_done}, step=trainer.global_step)
         if trainer.state.fn == "fit":
             self._rebuild_training_state(trainer, pl_module)
+            _restart_best_checkpoint(trainer)
 
     @staticmethod
     def _rebuild_training_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -130,6 +150,20 @@ class ChannelPruning(pl.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, ExponentialMovingAverage):
                 callback.follow_structure(pl_module)
+
+
+def _restart_best_checkpoint(trainer: pl.Trainer) -> None:
+    """Make best.ckpt the best model of the architecture trained from now on.
+
+    Right after a pruning step the mAP collapses, so the best score so far belongs to the larger model of an earlier
+    stage; left as it is, best.ckpt would stay that unpruned model for the rest of a prune-then-finetune run.
+    """
+    for checkpoint in trainer.checkpoint_callbacks:
+        if getattr(checkpoint, "monitor", None) is None:
+            continue
+        checkpoint.best_k_models, checkpoint.kth_best_model_path = {}, ""
+        checkpoint.best_model_score, checkpoint.best_model_path = None, ""
+        checkpoint.kth_value = torch.tensor(-torch.inf if checkpoint.mode == "max" else torch.inf)
 
 
 def _gradients_of_one_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -130,6 +130,30 @@ class _LayerCappedPruner(tp.pruner.BasePruner):
         return current_channels - min(current_channels, max(kept, at_least))
 
 
+class SparsityRegularizer:
+    """Pushes the channels that a pruning step would remove towards zero while training goes on, so that removing
+    them later costs less accuracy (DepGraph's sparse training; network slimming with "bn_scale").
+
+    torch-pruning does the regularization: GroupNormPruner adds `strength` x (up to 16x for the least important
+    channels of each group) x the weights to their gradients; for "bn_scale" BNScalePruner adds an L1 penalty on
+    the BatchNorm scales. Call `regularize()` after the backward pass, on unscaled gradients, before the optimizer
+    step. The dependency graph holds the model's modules: build a new regularizer after every pruning step.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Tensor, strength: float, importance: str = "l2",
+                 ignored_names: Sequence[str] = ()):
+        if strength <= 0:
+            raise ConfigError(f"sparsity must be > 0 to regularize, got {strength}.")
+        self.model = model
+        algorithm = tp.pruner.BNScalePruner if importance == "bn_scale" else tp.pruner.GroupNormPruner
+        with _traceable(model):
+            self._pruner = algorithm(model, example_inputs, make_importance(importance), reg=strength,
+                                     ignored_layers=ignored_layers(model, ignored_names))
+
+    def regularize(self) -> None:
+        self._pruner.regularize(self.model)
+
+
 def _prune_once(model: nn.Module, example_inputs: Tensor, ratio: float, importance: str = "l2",
                 global_pruning: bool = False, round_to: int | None = 8, ignored_names: Sequence[str] = (),
                 max_layer_ratio: float = 0.9, seed: int = 0) -> None:

@@ -13,6 +13,7 @@ from tea_lightning.cli import cli_main
 from tea_lightning.model.complexity import count_parameters
 from tea_lightning.model.recipe import ExponentialMovingAverage
 from tea_lightning.pruning.callback import ChannelPruning
+from tea_lightning.pruning.pruner import SparsityRegularizer
 from tests.conftest import YOLOV5N, need
 from tests.conftest import FAST
 
@@ -85,6 +86,19 @@ def test_resume_after_a_pruning_step_does_not_prune_again(pruned_run, synthetic_
     assert pruning_callback(resumed).steps_done == 1
 
 
+def test_best_checkpoint_is_the_best_model_after_pruning(trained, synthetic_yaml, tmp_path):
+    _, trained_run = trained
+    cli = fit(synthetic_yaml, tmp_path, "--model.weights", str(trained_run / "checkpoints" / "best.ckpt"),
+              "--trainer.max_epochs", "2", *PRUNE, "--trainer.callbacks.schedule", "[1]")
+    with open(tmp_path / "version_0" / "metrics.csv") as f:
+        fitness = [float(r["val/fitness"]) for r in csv.DictReader(f) if r.get("val/fitness")]
+    assert fitness[0] > fitness[1]  # the collapse: by the score alone, the unpruned epoch 0 would stay best
+    checkpoint = cli.trainer.checkpoint_callback
+    assert float(checkpoint.best_model_score) == pytest.approx(fitness[1])
+    best = torch.load(checkpoint.best_model_path, weights_only=False)["state_dict"]
+    assert {k: v.shape for k, v in best.items()} == {k: v.shape for k, v in cli.model.state_dict().items()}
+
+
 def test_pruned_weights_start_a_new_fit(pruned_run, synthetic_yaml, tmp_path):
     cli, run, _ = pruned_run
     again = fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "1", "--model.weights",
@@ -110,9 +124,26 @@ def test_bf16_mixed_precision_on_cpu_prunes_and_trains(synthetic_yaml, tmp_path)
     assert pruning_callback(cli).steps_done == 1
 
 
+def test_sparsity_penalty_acts_on_every_step_before_the_last_pruning_step_only(synthetic_yaml, tmp_path,
+                                                                             monkeypatch):
+    calls = []  # the parameter count of the model each penalty was applied to
+
+    def record(regularizer):
+        calls.append(count_parameters(regularizer.model))
+        original(regularizer)
+
+    original = SparsityRegularizer.regularize
+    monkeypatch.setattr(SparsityRegularizer, "regularize", record)
+    cli = fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "3", *PRUNE, "--trainer.callbacks.schedule", "[2]",
+              "--trainer.callbacks.sparsity", "0.01")
+    steps_per_epoch = cli.trainer.global_step // 3  # the fast recipe steps the optimizer after every batch
+    assert steps_per_epoch > 0 and len(calls) == 2 * steps_per_epoch  # epochs 0 and 1, not after pruning
+    assert min(calls) > count_parameters(cli.model.model)  # all on the unpruned model
+
+
 @pytest.mark.parametrize("option, value, expected", [
     ("pruning_ratio", "0", "between 0 and 1"), ("pruning_ratio", "1.0", "between 0 and 1"),
-    ("schedule", "[5]", "schedule has epoch 5"),
+    ("schedule", "[5]", "schedule has epoch 5"), ("sparsity", "-0.1", "sparsity must be >= 0"),
 ])
 def test_bad_pruning_options_are_clear_errors(synthetic_yaml, tmp_path, option, value, expected):
     with pytest.raises(ValueError, match=expected):

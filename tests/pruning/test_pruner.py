@@ -10,6 +10,7 @@ from torch import nn
 from tea_lightning.model.complexity import count_parameters
 from tea_lightning.model.weights import build_model, read_weights, transfer_weights
 from tea_lightning.pruning import PruneResult, make_importance, prune, ratio_for_macs, step_ratio
+from tea_lightning.pruning.pruner import SparsityRegularizer
 from tests.conftest import YOLOV5N, need
 
 NC = 4
@@ -156,6 +157,34 @@ def test_l2_removes_the_channels_with_the_smallest_weights(model):
     expected = conv.weight.data[strong].clone()
     prune(model, SMALL, 0.3, importance="l2", round_to=None)
     assert torch.equal(model.model[0].conv.weight, expected)
+
+
+def batchnorm_scale_kept(model: nn.Module, importance: str) -> float:
+    """Return the share of the BatchNorm scales' squared sum that a copy of `model` keeps through 0.3 pruning."""
+    def mass(m: nn.Module) -> float:
+        return sum(float(bn.weight.square().sum()) for bn in m.modules() if isinstance(bn, nn.BatchNorm2d))
+    pruned = copy.deepcopy(model)
+    prune(pruned, SMALL, 0.3, importance=importance, round_to=None)
+    return mass(pruned) / mass(model)
+
+
+@pytest.mark.parametrize("importance", ["l2", "bn_scale"])
+def test_sparsity_shrinks_the_channels_that_pruning_removes(model, importance):
+    before = batchnorm_scale_kept(model, importance)
+    regularizer = SparsityRegularizer(model, SMALL, 0.02, importance)
+    for _ in range(20):  # plain gradient descent on the penalty alone
+        for parameter in model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        regularizer.regularize()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter -= parameter.grad
+    assert batchnorm_scale_kept(model, importance) > before + 0.05  # pruning now removes less of the weights
+
+
+def test_sparsity_must_be_positive(model):
+    with pytest.raises(ValueError, match="sparsity must be > 0"):
+        SparsityRegularizer(model, SMALL, 0.0)
 
 
 def test_taylor_without_gradients_asks_for_a_backward_pass(model):
