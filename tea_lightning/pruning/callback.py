@@ -9,7 +9,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from tea_lightning.errors import ConfigError
 from tea_lightning.model.complexity import macs_to_gflops
 from tea_lightning.model.recipe import ExponentialMovingAverage
-from tea_lightning.pruning.pruner import Importance, SparsityRegularizer, prune, ratio_for_macs, step_ratio
+from tea_lightning.pruning.pruner import Importance, SparsityRegularizer, output_channels, prune, ratio_for_macs
 
 
 class ChannelPruning(pl.Callback):
@@ -56,15 +56,18 @@ class ChannelPruning(pl.Callback):
                               "seed": seed}
         self.steps_done = 0
         self.channel_ratio: float | None = None  # resolved from macs_reduction on the unpruned model
+        self.original_channels: dict[str, int] | None = None  # before the first of several steps
         self._regularizer: SparsityRegularizer | None = None  # built for the current architecture when needed
 
     # ---- state kept in checkpoints, so that resuming never prunes twice ----------------------------------------
     def state_dict(self) -> dict:
-        return {"steps_done": self.steps_done, "channel_ratio": self.channel_ratio}
+        return {"steps_done": self.steps_done, "channel_ratio": self.channel_ratio,
+                "original_channels": self.original_channels}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.steps_done = state_dict["steps_done"]
         self.channel_ratio = state_dict["channel_ratio"]
+        self.original_channels = state_dict.get("original_channels")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.max_epochs is not None and self.schedule[-1] >= trainer.max_epochs:
@@ -75,9 +78,12 @@ class ChannelPruning(pl.Callback):
     # ---- when to prune -----------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         due = [e for e in self.schedule if e <= trainer.current_epoch]
+        steps = len(self.schedule)
+        if steps > 1 and self.steps_done == 0 and due:
+            self.original_channels = output_channels(pl_module.model)
         while self.steps_done < len(due):
-            self._step(trainer, pl_module, step_ratio(self._target(pl_module), self.steps_done + 1,
-                                                      len(self.schedule)))
+            # step k of n removes k/n of the target, counted on the original channels
+            self._step(trainer, pl_module, self._target(pl_module) * (self.steps_done + 1) / steps)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         # Lightning calls this on unscaled gradients, after DDP's all-reduce: every rank adds the same penalty.
@@ -119,14 +125,16 @@ class ChannelPruning(pl.Callback):
         with torch.inference_mode(False), torch.enable_grad():
             if self.prune_options["importance"] == "taylor":
                 _gradients_of_one_batch(trainer, pl_module)
-            result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options)
+            result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options,
+                           original_channels=self.original_channels if steps > 1 else None)
         pl_module.model.zero_grad(set_to_none=True)
         self.steps_done += 1
         self._regularizer = None  # its dependency graph holds the modules as they were
         # prune() counted MACs on an img_size input, as the model's GFLOPs figure does: no second trace needed
         after = {"model/params": result.params_after, "model/GFLOPs": macs_to_gflops(result.macs_after)}
         rank_zero_info(
-            f"Pruning step {self.steps_done}/{steps} at epoch {trainer.current_epoch}: channels -{ratio:.1%}, "
+            f"Pruning step {self.steps_done}/{steps} at epoch {trainer.current_epoch}: "
+            f"channels -{ratio:.1%} of the unpruned model's, "
             f"parameters {result.params_before:,} -> {result.params_after:,} "
             f"({result.params_after / result.params_before - 1:+.1%}), "
             f"GFLOPs {macs_to_gflops(result.macs_before):.2f} -> {after['model/GFLOPs']:.2f} "

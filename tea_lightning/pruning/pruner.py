@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,21 +60,15 @@ def ignored_layers(model: nn.Module, names: Sequence[str] = ()) -> list[nn.Modul
     return [*detect_output_convs(model), *(modules[name] for name in names)]
 
 
-def step_ratio(target: float, step: int, steps: int) -> float:
-    """Return the fraction of the current channels to remove at step `step` (1-based) of `steps`.
-
-    Every step removes the same share of the original channels, so (1 - target) of them remain after the last.
-    """
-    _check_ratio(target)
-    if not 1 <= step <= steps:
-        raise ConfigError(f"step must be between 1 and steps={steps}, got {step}.")
-    remaining_before, remaining_after = (1 - target * k / steps for k in (step - 1, step))
-    return 1 - remaining_after / remaining_before
+def output_channels(model: nn.Module) -> dict[str, int]:
+    """Return the output channels of every convolution of `model`, by module name."""
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def prune(model: nn.Module, example_inputs: Tensor, ratio: float, importance: str = "l2",
           global_pruning: bool = False, round_to: int | None = 8, ignored_names: Sequence[str] = (),
-          max_layer_ratio: float = 0.9, seed: int = 0) -> PruneResult:
+          max_layer_ratio: float = 0.9, seed: int = 0,
+          original_channels: Mapping[str, int] | None = None) -> PruneResult:
     """Return the model's size before and after removing `ratio` of its current channels, in place.
 
     Local pruning (the default) removes `ratio` of every layer's channels; global pruning ranks all channels
@@ -83,11 +77,16 @@ def prune(model: nn.Module, example_inputs: Tensor, ratio: float, importance: st
     a backward pass. The choice of channels depends only on the weights (and gradients for "taylor", `seed` for
     "random"), so every DDP rank prunes the same ones. The mode (train/eval), dtype and frozen parameters of `model`
     are kept.
+
+    For one of several iterative steps, pass `original_channels` (`output_channels(model)` before the first step)
+    and the total ratio to have reached after this step: each layer then keeps its original channels x (1 - ratio),
+    rounded, so that the steps end where one step would. (Rounding each step's share of the current channels
+    instead would leave every 16-channel layer whole in steps under 25%, and those early layers hold most MACs.)
     """
     with _traceable(model):
         params_before, macs_before = count_parameters(model), _macs(model, example_inputs)
         _prune_once(model, example_inputs, ratio, importance, global_pruning, round_to, ignored_names,
-                    max_layer_ratio, seed)
+                    max_layer_ratio, seed, original_channels)
         return PruneResult(params_before, count_parameters(model), macs_before, _macs(model, example_inputs))
 
 
@@ -154,9 +153,28 @@ class SparsityRegularizer:
         self._pruner.regularize(self.model)
 
 
+def _layer_ratios(model: nn.Module, ratio: float, original_channels: Mapping[str, int], round_to: int | None,
+                  max_layer_ratio: float) -> dict[nn.Module, float]:
+    """Return, per convolution, the share of its current channels that leaves it with its original channels x
+    (1 - ratio), rounded to the nearest multiple of `round_to` and capped as _LayerCappedPruner caps one step."""
+    step = round_to or 1
+    ratios = {}
+    for name, conv in model.named_modules():
+        if name not in original_channels or not isinstance(conv, nn.Conv2d):
+            continue
+        first = original_channels[name]
+        kept = step * math.floor(int(first * (1 - ratio)) / step + 0.5)  # as one step of _LayerCappedPruner
+        at_least = max(step, step * math.ceil(round(first * (1 - max_layer_ratio) / step, 6)))
+        kept = min(first, max(kept, at_least))
+        # torch-pruning keeps int(current x (1 - layer ratio)) channels: the half channel guards against truncation
+        ratios[conv] = 1 - (kept + 0.5) / conv.out_channels if kept < conv.out_channels else 0.0
+    return ratios
+
+
 def _prune_once(model: nn.Module, example_inputs: Tensor, ratio: float, importance: str = "l2",
                 global_pruning: bool = False, round_to: int | None = 8, ignored_names: Sequence[str] = (),
-                max_layer_ratio: float = 0.9, seed: int = 0) -> None:
+                max_layer_ratio: float = 0.9, seed: int = 0,
+                original_channels: Mapping[str, int] | None = None) -> None:
     _check_ratio(ratio)
     if not 0 < max_layer_ratio < 1:
         raise ConfigError(f"max_layer_ratio must be between 0 and 1 (exclusive), got {max_layer_ratio}.")
@@ -166,9 +184,18 @@ def _prune_once(model: nn.Module, example_inputs: Tensor, ratio: float, importan
     if importance == "taylor" and all(p.grad is None for p in model.parameters()):
         raise ConfigError("importance='taylor' needs gradients: run a forward and backward pass on a training batch "
                          "before pruning (the pruning callback does this itself).")
+    layer_ratios = None
+    if original_channels is not None:
+        if global_pruning:  # one ranking over all layers: the step removes what is left of the total
+            current = output_channels(model)
+            ratio = 1 - (1 - ratio) * sum(original_channels.values()) / sum(current[n] for n in original_channels)
+            _check_ratio(ratio)
+        else:
+            layer_ratios = _layer_ratios(model, ratio, original_channels, round_to, max_layer_ratio)
     with _traceable(model):
         pruner = _LayerCappedPruner(model, example_inputs, criterion, global_pruning=global_pruning,
-                                    pruning_ratio=ratio, max_pruning_ratio=max_layer_ratio,
+                                    pruning_ratio=ratio, pruning_ratio_dict=layer_ratios,
+                                    max_pruning_ratio=max_layer_ratio,
                                     round_to=round_to or 1,  # 1 rounds nothing but routes every layer through the cap
                                     ignored_layers=ignored_layers(model, ignored_names))
         with torch.random.fork_rng(devices=[]):

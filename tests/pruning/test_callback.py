@@ -13,7 +13,7 @@ from tea_lightning.cli import cli_main
 from tea_lightning.model.complexity import count_parameters
 from tea_lightning.model.recipe import ExponentialMovingAverage
 from tea_lightning.pruning.callback import ChannelPruning
-from tea_lightning.pruning.pruner import SparsityRegularizer
+from tea_lightning.pruning.pruner import SparsityRegularizer, output_channels
 from tests.conftest import YOLOV5N, need
 from tests.conftest import FAST
 
@@ -84,6 +84,17 @@ def test_resume_after_a_pruning_step_does_not_prune_again(pruned_run, synthetic_
     assert resumed.trainer.current_epoch == 10
     assert count_parameters(resumed.model.model) == params
     assert pruning_callback(resumed).steps_done == 1
+
+
+def test_iterative_steps_end_with_the_architecture_of_one_step(synthetic_yaml, tmp_path):
+    one_step = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
+                         str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "once"), *PRUNE]).model
+    unpruned = output_channels(cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml),
+                                         "--trainer.default_root_dir", str(tmp_path / "v")]).model.model)
+    cli = fit(synthetic_yaml, tmp_path / "steps", "--trainer.max_epochs", "3", *PRUNE, "--trainer.callbacks.schedule",
+              "[0, 1, 2]")
+    assert output_channels(cli.model.model) == output_channels(one_step.model)
+    assert pruning_callback(cli).state_dict()["original_channels"] == unpruned  # kept for a resumed run
 
 
 def test_best_checkpoint_is_the_best_model_after_pruning(trained, synthetic_yaml, tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 from tea_lightning.model.complexity import count_parameters
 from tea_lightning.model.weights import build_model, read_weights, transfer_weights
-from tea_lightning.pruning import PruneResult, make_importance, prune, ratio_for_macs, step_ratio
+from tea_lightning.pruning import PruneResult, make_importance, output_channels, prune, ratio_for_macs
 from tea_lightning.pruning.pruner import SparsityRegularizer
 from tests.conftest import YOLOV5N, need
 
@@ -235,21 +235,23 @@ def test_unknown_options_are_refused(model):
         prune(model, SMALL, 0.3, max_layer_ratio=1.0)
 
 
-def test_step_ratios_compound_to_the_target():
-    assert step_ratio(0.5, 1, 1) == pytest.approx(0.5)
-    assert math.prod(1 - step_ratio(0.5, k, 3) for k in (1, 2, 3)) == pytest.approx(0.5)
-    assert [round(step_ratio(0.6, k, 3), 4) for k in (1, 2, 3)] == [0.2, 0.25, 0.3333]
-    with pytest.raises(ValueError, match="step"):
-        step_ratio(0.5, 4, 3)
-
-
-def test_three_steps_reach_about_the_channels_of_one(yolov5n):
+@pytest.mark.parametrize("round_to", [8, None])
+def test_iterative_steps_end_with_the_channels_of_one_step(yolov5n, round_to):
     once, stepwise = copy.deepcopy(yolov5n), copy.deepcopy(yolov5n)
-    prune(once, SMALL, 0.3, round_to=None)
+    prune(once, SMALL, 0.3, round_to=round_to)
+    original = output_channels(stepwise)
+    for k in range(1, 6):  # 6% of the original channels each: under 8 of a 16- or 32-channel layer
+        prune(stepwise, SMALL, 0.3 * k / 5, round_to=round_to, original_channels=original)
+    assert output_channels(stepwise) == output_channels(once)
+
+
+def test_global_iterative_steps_remove_about_the_total(yolov5n):
+    once, stepwise = copy.deepcopy(yolov5n), copy.deepcopy(yolov5n)
+    prune(once, SMALL, 0.3, global_pruning=True, round_to=None)
+    original = output_channels(stepwise)
     for k in (1, 2, 3):
-        prune(stepwise, SMALL, step_ratio(0.3, k, 3), round_to=None)
-    for (name, a), b in zip(convs(once).items(), convs(stepwise).values()):
-        assert abs(a.out_channels - b.out_channels) <= 3, name
+        prune(stepwise, SMALL, 0.1 * k, global_pruning=True, round_to=None, original_channels=original)
+    assert sum(output_channels(stepwise).values()) == pytest.approx(sum(output_channels(once).values()), rel=0.02)
 
 
 def test_ratio_for_macs_hits_the_target_without_touching_the_model(model):
