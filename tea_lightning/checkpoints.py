@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -75,19 +77,66 @@ def resume_command(checkpoint: Path) -> str:
 
 
 class SaveOnInterrupt(Checkpoint):
-    """On SIGTERM (preemption, `kill`, SLURM's time limit) or Ctrl+C during `fit`, writes `last.ckpt` of the run as
-    it stands after the last finished batch, so that `fit --ckpt_path last.ckpt` continues where it stopped.
+    """On SIGTERM (preemption, `kill`, SLURM's time limit) or Ctrl+C during `fit`, stops before the next training
+    batch and writes `last.ckpt` of the run as it stands, so that `fit --ckpt_path last.ckpt` continues there.
 
-    Lightning's own OnExceptionCheckpoint saves on any error (also a broken config before training) and deletes its
-    file when a later run ends; here only interruptions count and the file is the one users resume from.
+    The signal handler only records the signal; whether to stop is decided at the start of every training batch by
+    one flag reduced over all processes, so under DDP every rank stops at the same batch and writes the checkpoint
+    together, whichever of them was signalled. Lightning 2.6's own SIGTERM handler broadcasts from inside the
+    handler, which deadlocks a 2-process run killed during training (Lightning issue #20806; seen here), so it is
+    replaced while training runs. A second Ctrl+C stops at once, without a checkpoint. Lightning's own
+    OnExceptionCheckpoint saves on any error (also a broken config before training) and deletes its file when a later
+    run ends; here only interruptions count and the file is the one users resume from.
     """
 
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self._received: int | None = None  # the signal this process got, until the run stops
+        self._stopping = False  # all processes agreed to stop at this batch boundary
+        self._previous_handlers: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._received, self._stopping = None, False
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self._previous_handlers = {signum: signal.getsignal(signum) for signum in self._SIGNALS}
+            for signum in self._SIGNALS:
+                signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame) -> None:
+        if self._received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self._received = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after this batch and saving the run "
+              "(Ctrl+C again to stop at once).", file=sys.stderr, flush=True)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop_if_signalled(trainer)  # a signal during the last validation still ends in a stop
+        self._restore_handlers()
+
+    def _stop_if_signalled(self, trainer) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self._received is not None, all=False):
+            return
+        self._stopping = True
+        raise KeyboardInterrupt if self._received == signal.SIGINT else SIGTERMException
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()
         if trainer.state.fn != "fit" or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
+        if not self._stopping:
+            return  # a second Ctrl+C, mid-batch: the weights may be half updated, and other processes cannot join
         path = run_dir(trainer) / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(path)
-        cause = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl+C"
+        trainer.save_checkpoint(path, weights_only=False)
+        cause = "Ctrl+C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
         rank_zero_warn(f"Interrupted by {cause} at epoch {trainer.current_epoch}, after "
                        f"{trainer.fit_loop.epoch_loop.batch_progress.current.completed} batches of it: the run "
                        f"so far is saved in {path}. Continue it with:\n  {resume_command(path)}")
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}

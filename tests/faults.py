@@ -7,12 +7,15 @@ from pytorch_lightning import Callback
 
 
 class SignalAt(Callback):
-    """Sends `signum` to this process after training batch `batch` of epoch `epoch` (15: SIGTERM, 9: kill -9)."""
+    """Sends `signum` to this process after training batch `batch` of epoch `epoch` (15: SIGTERM, 9: kill -9); with
+    `rank`, only the process of that global rank does (under DDP: `kill` of one process, as a user would)."""
 
-    def __init__(self, epoch: int, batch: int, signum: int):
-        self.epoch, self.batch, self.signum = epoch, batch, signum
+    def __init__(self, epoch: int, batch: int, signum: int, rank: int | None = None):
+        self.epoch, self.batch, self.signum, self.rank = epoch, batch, signum, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.rank not in (None, trainer.global_rank):
+            return
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
             os.kill(os.getpid(), self.signum)
 

@@ -245,6 +245,36 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_the_pruned_run(synthe
     assert {k: v.shape for k, v in final["state_dict"].items()} == shapes  # the same pruned architecture
 
 
+def test_ctrl_c_stops_after_the_batch_with_a_checkpoint(synthetic_yaml, tmp_path):
+    stopped = run_command(*fit_args(synthetic_yaml, tmp_path, epochs=2), "--trainer.callbacks+=tests.faults.SignalAt",
+                          "--trainer.callbacks.epoch", "1", "--trainer.callbacks.batch", "0",
+                          "--trainer.callbacks.signum", str(int(signal.SIGINT)))
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert "Interrupted by Ctrl+C at epoch 1, after 1 batches" in stopped.stderr
+    saved = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
+
+
+def test_sigterm_to_one_ddp_process_stops_both_at_one_batch_and_resumes(synthetic_yaml, tmp_path):
+    # Rank 1 alone is signalled (a worker killed): Lightning's own handling, driven by rank 0, hung here.
+    args = fit_args(synthetic_yaml, tmp_path, epochs=3) + [
+        "--model.weights", str(need(YOLOV5N)), *PRUNE_AT_0, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp"]
+    stopped = run_command(*args, "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "1",
+                          "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signal.SIGTERM)),
+                          "--trainer.callbacks.rank", "1")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Interrupted by SIGTERM at epoch 1, after 1 batches" in stopped.stderr
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
+    resumed = run_command(*args, "--ckpt_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(tmp_path / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["epoch"] == 2
+    assert {k: v.shape for k, v in final["state_dict"].items()} == {k: v.shape for k, v in saved["state_dict"].items()}
+
+
 def test_kill_9_mid_epoch_loses_at_most_that_epoch(synthetic_yaml, tmp_path):
     args = fit_args(synthetic_yaml, tmp_path, epochs=3)
     killed = run_command(*args, "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "2",
