@@ -30,6 +30,7 @@ METRICS = ("mAP50", "mAP50-95", "precision", "recall", "f1", "fitness")
 # Options whose change would make finished steps incomparable with new ones; models and ratios may grow.
 FIXED_OPTIONS = ("data", "img", "batch", "epochs", "finetune_epochs", "importance", "seed", "weights", "baseline",
                  "extra")
+EPOCH_OPTIONS = ("epochs", "finetune_epochs")  # {"*": N for every model, MODEL: N}
 
 
 class BestMetrics(pl.Callback):
@@ -109,11 +110,16 @@ class Study:
         fixed = {key: _jsonable(getattr(options, key)) for key in FIXED_OPTIONS}
         if self.path.is_file():
             self.state = json.loads(self.path.read_text())
-            changed = [k for k in FIXED_OPTIONS if self.state["options"].get(k) != fixed[k]]
+            before = {k: self.state["options"].get(k) for k in FIXED_OPTIONS}
+            for key in EPOCH_OPTIONS:  # state files from before per-model epochs hold one number
+                if not isinstance(before[key], dict):
+                    before[key] = {"*": str(before[key])}
+            studied = {key.partition("/")[0] for key in self.state["steps"]}
+            changed = [k for k in FIXED_OPTIONS if not _same_option(k, before[k], fixed[k], studied)]
             if changed:
                 raise ConfigError(
                     f"{self.path} belongs to a study made with other options ("
-                    + ", ".join(f"--{k.replace('_', '-')} was {self.state['options'].get(k)!r}, now {fixed[k]!r}"
+                    + ", ".join(f"--{k.replace('_', '-')} was {_shown(before[k])}, now {_shown(fixed[k])}"
                                 for k in changed)
                     + "): give another --out for a new study, or the same options to continue this one.")
             if options.study and options.study != self.state["study"]:
@@ -172,7 +178,7 @@ class Study:
                 "--trainer.logger.init_args.tags", json.dumps(tags),
                 "--trainer.logger.init_args.config", json.dumps(config)]
         if step.fits:
-            epochs = o.epochs if step.job == "baseline" else o.finetune_epochs
+            epochs = _epochs_for(o.epochs if step.job == "baseline" else o.finetune_epochs, step.model)
             args += ["--trainer.max_epochs", str(epochs), "--trainer.callbacks+=tea_lightning.study.sweep.BestMetrics"]
             last = self.run_folder(step) / "checkpoints" / "last.ckpt"
             if last.is_file():  # an interrupted fit: go on where it stopped
@@ -185,6 +191,21 @@ class Study:
         elif step.job == "eval":
             args += ["--ckpt_path", str(self.checkpoint(step.model, step.ratio))]
         return args
+
+
+def _same_option(key: str, before, now, studied: set[str]) -> bool:
+    """Return whether an option of the state file still holds; epochs only need to agree for the models with
+    finished steps (a model new to the study may get its own)."""
+    if key not in EPOCH_OPTIONS:
+        return before == now
+    return all(_epochs_for(before, m) == _epochs_for(now, m) for m in studied)
+
+
+def _shown(value) -> str:
+    """Return an option's value as it is written on the command line."""
+    if isinstance(value, dict):
+        return " ".join(v if k == "*" else f"{k}={v}" for k, v in value.items()) or "none"
+    return repr(value)
 
 
 def _jsonable(value):
@@ -227,6 +248,26 @@ def run_step(study: Study, step: Step) -> dict:
             "checkpoint": str(checkpoint) if checkpoint else None, "results": results}
 
 
+def _epochs(values: list[str], option: str, models: list[str]) -> dict[str, int]:
+    """Parse N (every model) and MODEL=N (one model) values into {"*": N, MODEL: N}; every model must get one."""
+    epochs = {}
+    for value in values:
+        model, sep, number = value.rpartition("=")
+        key = model if sep else "*"
+        if (sep and model not in models) or not number.isdigit() or int(number) < 1 or key in epochs:
+            raise ConfigError(f"{option} takes one number of epochs (at least 1) for every model and MODEL=N for "
+                              f"single models of --models ({', '.join(models)}), each once; got {value!r}.")
+        epochs[key] = int(number)
+    missing = [m for m in models if m not in epochs and "*" not in epochs]
+    if missing:
+        raise ConfigError(f"{option} gives no number for {', '.join(missing)}: add N for every model or MODEL=N.")
+    return epochs
+
+
+def _epochs_for(epochs: dict[str, int], model: str) -> int:
+    return epochs.get(model, epochs.get("*"))
+
+
 def _pairs(values: list[str], option: str, models: list[str]) -> dict[str, Path]:
     """Parse MODEL=PATH values, checking the model is swept and the file exists."""
     pairs = {}
@@ -253,8 +294,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5], help="pruning ratios (0.3 0.5)")
     parser.add_argument("--img", type=int, default=416, help="image size (default: 416)")
     parser.add_argument("--batch", type=int, default=4, help="batch size (default: 4)")
-    parser.add_argument("--epochs", type=int, default=100, help="baseline epochs (default: 100)")
-    parser.add_argument("--finetune-epochs", type=int, default=30, help="fine-tuning epochs (default: 30)")
+    parser.add_argument("--epochs", nargs="+", default=["100"], metavar="N|MODEL=N",
+                        help="baseline epochs: one number for every model, MODEL=N for one (e.g. 100 yolov5m=50; "
+                             "default: 100)")
+    parser.add_argument("--finetune-epochs", nargs="+", default=["30"], metavar="N|MODEL=N",
+                        help="fine-tuning epochs, given like --epochs (default: 30)")
     parser.add_argument("--weights", nargs="*", default=[], metavar="MODEL=PT",
                         help="official YOLOv5 .pt to start a baseline from (default: from scratch)")
     parser.add_argument("--baseline", nargs="*", default=[], metavar="MODEL=CKPT",
@@ -276,9 +320,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise ConfigError("--models and --ratios must not repeat a value.")
     if not all(0 < r < 1 for r in options.ratios):
         raise ConfigError(f"--ratios must lie between 0 and 1 (exclusive), got {options.ratios}.")
-    if options.img % 32 or min(options.batch, options.epochs, options.finetune_epochs, options.latency_runs) < 1:
-        raise ConfigError("--img must be a multiple of 32; --batch, --epochs, --finetune-epochs and --latency-runs "
-                          "at least 1.")
+    options.epochs = _epochs(options.epochs, "--epochs", options.models)
+    options.finetune_epochs = _epochs(options.finetune_epochs, "--finetune-epochs", options.models)
+    if options.img % 32 or min(options.batch, options.latency_runs) < 1:
+        raise ConfigError("--img must be a multiple of 32; --batch and --latency-runs at least 1.")
     if not options.data.is_file():
         raise ConfigError(f"--data {options.data} does not exist.")
     if options.study is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", options.study):

@@ -15,7 +15,7 @@ from tea_lightning.errors import ConfigError
 from tea_lightning.study.benchmark import benchmark_main
 from tea_lightning.study.figures import pareto_front
 from tea_lightning.study.report import report_main
-from tea_lightning.study.sweep import BestMetrics, STATE_FILE, sweep_main
+from tea_lightning.study.sweep import BestMetrics, STATE_FILE, Study, parse, plan, sweep_main
 from tea_lightning.study.wandb_runs import BLOCK, CHUNK_HEADER, FILE_HEADER, FIRST, FULL, LAST, MIDDLE, _records, \
     offline_runs
 from tests.conftest import FAST
@@ -193,15 +193,41 @@ def test_benchmark_prints_batch_1_and_n_latency_of_a_pruned_checkpoint(study, tm
     ({"--ratios": "1.5"}, "--ratios must lie between 0 and 1"),
     ({"--models": "yolov5q"}, "no configs/<model>.yaml"),
     ({"--img": "100"}, "multiple of 32"),
+    ({"--epochs": "0"}, "--epochs takes one number of epochs"),
+    ({"--epochs": "yolov5s=3"}, "--epochs takes one number .* of --models \\(yolov5n\\)"),
+    ({"--finetune-epochs": "yolov5n=x"}, "--finetune-epochs takes one number"),
 ])
 def test_bad_options_are_named(synthetic_yaml, tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         sweep_main(sweep_args(synthetic_yaml, tmp_path, **change))
 
 
+def with_values(args: list[str], option: str, *values: str) -> list[str]:
+    """Return `args` (of sweep_args: one value per option) with `option`'s value replaced by `values`."""
+    at = args.index(option)
+    return [*args[:at + 1], *values, *args[at + 2:]]
+
+
+def test_epochs_can_differ_per_model_and_a_model_may_join_with_its_own(study, synthetic_yaml):
+    out, *_ = study  # yolov5n finished with --epochs 1
+    both = with_values(sweep_args(synthetic_yaml, out), "--models", "yolov5n", "yolov5s")
+    args = with_values(both, "--epochs", "1", "yolov5s=2")
+    joined = Study(parse(args))
+    max_epochs = {step.model: command[command.index("--trainer.max_epochs") + 1]
+                  for step in plan(["yolov5n", "yolov5s"], [0.3]) if step.job == "baseline"
+                  for command in [joined.command(step)]}
+    assert max_epochs == {"yolov5n": "1", "yolov5s": "2"}
+    with pytest.raises(ConfigError, match="--epochs was 1, now 1 yolov5n=3"):
+        Study(parse(with_values(both, "--epochs", "1", "yolov5n=3")))
+    with pytest.raises(ConfigError, match="--epochs gives no number for yolov5s"):
+        parse(with_values(both, "--epochs", "yolov5n=1"))
+
+
 def test_a_study_folder_refuses_other_options(study, synthetic_yaml):
     out, *_ = study
     with pytest.raises(ConfigError, match="--epochs was 1, now 3"):
         sweep_main(sweep_args(synthetic_yaml, out, **{"--epochs": "3"}))
+    with pytest.raises(ConfigError, match="--finetune-epochs was 2, now yolov5n=3"):
+        sweep_main(sweep_args(synthetic_yaml, out, **{"--finetune-epochs": "yolov5n=3"}))
     with pytest.raises(ConfigError, match="--weights takes MODEL=PATH"):
         sweep_main(sweep_args(synthetic_yaml, out, **{"--weights": "yolov5s=x.pt"}))
