@@ -124,9 +124,16 @@ class _LayerCappedPruner(tp.pruner.BasePruner):
     """
 
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-        kept = round_to * math.floor((current_channels - n_pruned) / round_to + 0.5)
-        at_least = round_to * math.ceil(round(current_channels * (1 - self.max_pruning_ratio) / round_to, 6))
-        return current_channels - min(current_channels, max(kept, at_least))
+        return current_channels - _kept_channels(current_channels - n_pruned, current_channels, round_to,
+                                                 self.max_pruning_ratio)
+
+
+def _kept_channels(asked: int, channels: int, round_to: int, max_layer_ratio: float) -> int:
+    """Return how many of a layer's `channels` stay when `asked` should: the nearest multiple of `round_to`, but at
+    least (1 - max_layer_ratio) of them rounded up to a multiple (so at least `round_to`), and no more than it has."""
+    kept = round_to * math.floor(asked / round_to + 0.5)
+    at_least = round_to * math.ceil(round(channels * (1 - max_layer_ratio) / round_to, 6))
+    return min(channels, max(kept, at_least))
 
 
 class SparsityRegularizer:
@@ -157,15 +164,13 @@ def _layer_ratios(model: nn.Module, ratio: float, original_channels: Mapping[str
                   max_layer_ratio: float) -> dict[nn.Module, float]:
     """Return, per convolution, the share of its current channels that leaves it with its original channels x
     (1 - ratio), rounded to the nearest multiple of `round_to` and capped as _LayerCappedPruner caps one step."""
-    step = round_to or 1
     ratios = {}
     for name, conv in model.named_modules():
         if name not in original_channels or not isinstance(conv, nn.Conv2d):
             continue
         first = original_channels[name]
-        kept = step * math.floor(int(first * (1 - ratio)) / step + 0.5)  # as one step of _LayerCappedPruner
-        at_least = max(step, step * math.ceil(round(first * (1 - max_layer_ratio) / step, 6)))
-        kept = min(first, max(kept, at_least))
+        # torch-pruning asks for int(channels x (1 - ratio)); one step of _LayerCappedPruner rounds that the same way
+        kept = _kept_channels(int(first * (1 - ratio)), first, round_to or 1, max_layer_ratio)
         # torch-pruning keeps int(current x (1 - layer ratio)) channels: the half channel guards against truncation
         ratios[conv] = 1 - (kept + 0.5) / conv.out_channels if kept < conv.out_channels else 0.0
     return ratios
