@@ -83,6 +83,17 @@ class YoloDataModule(pl.LightningDataModule):
         return self._loader(TrainDataset(self.split("train").records, self.img_size, self.augmentation),
                             self.batch_size, shuffle=True)
 
+    def importance_dataloader(self, images: int) -> DataLoader:
+        """Return `images` training images spread over the split, unaugmented and in a fixed order.
+
+        Every process gets the same batches (no distributed sampler, no random augmentation), so that a pruning
+        criterion that reads gradients (Taylor) chooses the same channels on every rank without communication.
+        """
+        records = self.split("train").records
+        chosen = records[::max(1, len(records) // images)][:images]
+        return DataLoader(EvalDataset(chosen, self.img_size), batch_size=self.batch_size, shuffle=False,
+                          num_workers=0, collate_fn=collate)
+
     def val_dataloader(self) -> DataLoader:
         """Return the validation loader (rectangular letterbox, no augmentation)."""
         return self._loader(EvalDataset(self.split("val").records, self.img_size), self.batch_size * 2, False)

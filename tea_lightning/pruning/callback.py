@@ -23,7 +23,9 @@ class ChannelPruning(pl.Callback):
         pruning_ratio: fraction of channels to remove (0 < r < 1); parameters and GFLOPs fall by about 1-(1-r)^2.
         macs_reduction: instead of a channel ratio, the fraction of multiply-accumulates to remove.
         schedule: epochs at whose start a pruning step runs.
-        importance: channel importance: l2 (default), l1, taylor, bn_scale, lamp, or random (a control).
+        importance: channel importance: l2 (default), l1, taylor, bn_scale, lamp, or random (a control). Taylor
+            reads the loss gradients of one nominal batch of training images (64 by default, unaugmented, the same
+            on every process); LAMP ranks a layer's channels as L2 does, so it differs from L2 only globally.
         global_pruning: rank channels across layers rather than removing the same share from each layer.
         round_to: keep channel counts multiples of this (8 keeps pruned models fast); None to disable.
         ignored_layers: module names (as in `model.named_modules()` of the YOLOv5 model, e.g. "model.0") left
@@ -124,7 +126,7 @@ class ChannelPruning(pl.Callback):
         # validate/test run under inference mode, where no autograd graph (the dependency graph's source) exists
         with torch.inference_mode(False), torch.enable_grad():
             if self.prune_options["importance"] == "taylor":
-                _gradients_of_one_batch(trainer, pl_module)
+                _loss_gradients(trainer, pl_module)
             result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options,
                            original_channels=self.original_channels if steps > 1 else None)
         pl_module.model.zero_grad(set_to_none=True)
@@ -174,20 +176,19 @@ def _restart_best_checkpoint(trainer: pl.Trainer) -> None:
         checkpoint.kth_value = torch.tensor(-torch.inf if checkpoint.mode == "max" else torch.inf)
 
 
-def _gradients_of_one_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Leave the loss gradients of one batch on the parameters: Taylor importance is |weight x gradient|."""
-    datamodule = trainer.datamodule
-    loader = datamodule.train_dataloader() if trainer.state.fn == "fit" else datamodule.val_dataloader()
-    batch = next(iter(loader))
-    images, targets = batch["images"].to(pl_module.device).clone(), batch["targets"].to(pl_module.device).clone()
+def _loss_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Leave on the parameters the loss gradients of one nominal batch of training images (64 by default, what one
+    optimizer step sees): Taylor importance is |weight x gradient|, and one small batch gives a noisy estimate."""
     model = pl_module.model
     model.zero_grad(set_to_none=True)
     # the loss needs training mode, whose forward would also move the BatchNorm statistics: keep them as they were
     statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
     was_training = model.training
     model.train()
-    loss, _ = pl_module.compute_loss(pl_module(images), targets)
-    loss.backward()
+    for batch in trainer.datamodule.importance_dataloader(pl_module.recipe.nominal_batch_size):
+        loss, _ = pl_module.compute_loss(pl_module(batch["images"].to(pl_module.device)),
+                                         batch["targets"].to(pl_module.device))
+        loss.backward()
     model.train(was_training)
     with torch.no_grad():
         for name, buffer in model.named_buffers():

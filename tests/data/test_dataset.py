@@ -106,3 +106,16 @@ def test_collate_pads_to_the_largest_image_and_renormalises_targets(tmp_path):
     assert (H, W) == (max(s.image.shape[1] for s in samples), max(s.image.shape[2] for s in samples))
     first = batch["targets"][batch["targets"][:, 0] == 0][0, 1:]
     np.testing.assert_allclose(yolo_to_xyxy(first, W, H), red_pixels_box(batch["images"][0]), atol=1.5)
+
+
+def test_importance_loader_gives_the_same_unaugmented_images_spread_over_the_split(synthetic_yaml):
+    from tea_lightning.data.datamodule import YoloDataModule
+
+    data = YoloDataModule(str(synthetic_yaml), img_size=128, batch_size=3, workers=0)
+    first, again = ([b for b in data.importance_dataloader(6)] for _ in range(2))
+    assert [len(b["images"]) for b in first] == [3, 3]
+    assert all(torch.equal(a["images"], b["images"]) and torch.equal(a["targets"], b["targets"])
+               for a, b in zip(first, again))
+    # every other one of the 16 training images, not the first six
+    names = sorted(p for b in first for p in b["paths"])
+    assert names == sorted(str(r.image) for r in data.split("train").records[::2][:6])

@@ -1,4 +1,4 @@
-"""Run by test_callback.py: a 2-process DDP fit (gloo, CPU) that prunes at epoch 1; each rank saves its weights
+"""Run by test_callback.py: a 2-process DDP fit (gloo, CPU) that prunes at epoch 1 (Taylor, global); each rank saves its weights
 and its optimizer-step count, and every checkpoint write is recorded with the rank that made it."""
 
 import sys
@@ -42,4 +42,7 @@ if __name__ == "__main__":
               "--trainer.plugins", '[{"class_path": "tests.pruning.ddp_prune.RecordedCheckpointIO"}]',
               "--trainer.callbacks+=tea_lightning.ChannelPruning",
               "--trainer.callbacks.pruning_ratio", "0.3", "--trainer.callbacks.schedule", "[1]",
+              # Taylor importance reads the gradients of training batches, which differ between ranks; pruned
+              # globally, different gradients would give different architectures
+              "--trainer.callbacks.importance", "taylor", "--trainer.callbacks.global_pruning", "true",
               "--trainer.callbacks+=tests.pruning.ddp_prune.SaveWeights"])
