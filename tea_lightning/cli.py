@@ -96,6 +96,8 @@ class TeaCLI(LightningCLI):
             # Every weight comes from the checkpoint; LightningCLI copies its saved --model.weights into the config,
             # a file that need not exist any more (a checkpoint moved to another machine).
             config.model.weights = None
+        if self.subcommand in ("validate", "test", "predict"):
+            config.model.teacher = None  # only training distils; a checkpoint names a teacher that may be gone
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
             if getattr(logger, "init_args", None) is None:
@@ -231,7 +233,7 @@ def export_pt(argv: list[str]) -> None:
     parser.add_argument("checkpoint", help="a tea-lightning .ckpt (pruned or not)")
     parser.add_argument("output", help="the .pt file to write")
     options = parser.parse_args(argv)
-    detector = Detector.load_from_checkpoint(options.checkpoint, map_location="cpu", weights_only=False)
+    detector = Detector.from_checkpoint(options.checkpoint)
     print(f"Wrote {save_yolov5_checkpoint(detector.model, detector.names, options.output)}")
 
 

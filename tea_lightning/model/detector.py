@@ -12,16 +12,22 @@ from pytorch_lightning.utilities import rank_zero_info
 from tea_lightning.errors import ConfigError, NonFiniteLoss
 from tea_lightning.metrics import DetectionMetrics, plot_curves
 from tea_lightning.model.complexity import count_parameters, gflops
+from tea_lightning.model.distillation import OutputDistillation
 from tea_lightning.model.postprocess import non_max_suppression, unletterbox_boxes
 from tea_lightning.model.recipe import ExponentialMovingAverage, Recipe, apply_schedule, build_optimizer, \
     warmup_iterations
-from tea_lightning.model.weights import build_model, read_weights, transfer_weights
+from tea_lightning.model.weights import build_model, read_model, read_weights, transfer_weights
 from tea_lightning.pruning.structure import resize_to_state_dict
 from tea_lightning.rundir import run_dir
 
 log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
+
+
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    """Return images as floats in [0, 1] (the data module delivers uint8)."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images
 
 
 def fitness(map50: float, map50_95: float) -> float:
@@ -43,12 +49,16 @@ class Detector(pl.LightningModule):
         ema: keep YOLOv5's EMA of the weights for validation and checkpoints.
         conf_thres, iou_thres, max_det: NMS settings of validation and prediction.
         plots: write precision/recall/F1/PR curves at the end of validation.
+        teacher: a checkpoint (.ckpt of ours or YOLOv5 .pt, with the same classes and anchors) to distil from while
+            training, e.g. the unpruned model when fine-tuning its pruned copy; only used by `fit`.
+        distill_weight: weight of the distillation loss against YOLOv5's loss (with `teacher`).
     """
 
     def __init__(self, model_cfg: str = "yolov5n.yaml", nc: int = 80, names: list[str] | None = None,
                  weights: str | None = None, img_size: int = 640, batch_size: int = 16,
                  recipe: Recipe = Recipe(), ema: bool = True, conf_thres: float = 0.001,
-                 iou_thres: float = 0.6, max_det: int = 300, plots: bool = True):
+                 iou_thres: float = 0.6, max_det: int = 300, plots: bool = True, teacher: str | None = None,
+                 distill_weight: float = 1.0):
         super().__init__()
         self.save_hyperparameters()
         self.recipe = recipe
@@ -65,15 +75,35 @@ class Detector(pl.LightningModule):
                            + ("" if transferred == total else " (the rest, e.g. a head for other classes, "
                                                               "keeps its fresh initialisation)"))
         self._attach_loss_hyperparameters()
+        self.distillation = self._teacher(teacher, distill_weight) if teacher else None
         self.automatic_optimization = False  # YOLOv5's accumulation changes during warmup; see training_step
         self.metrics = DetectionMetrics(nc)
         self.last_optimizer_step = -1
         self.plot_paths: list[Path] = []
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> Detector:
+        """Return a checkpoint's model (pruned or not) on the CPU, for inference or export. Every tensor comes from
+        the checkpoint: the files it was trained from (`weights`, `teacher`) need not exist any more."""
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, weights=None, teacher=None)
+
     def _attach_loss_hyperparameters(self) -> None:
         head = self.model.model[-1]
         self.model.hyp = self.recipe.loss_hyperparameters(self.hparams.nc, head.nl, self.hparams.img_size)
         self._compute_loss = None  # built lazily on the right device
+
+    def _teacher(self, path: str, weight: float) -> OutputDistillation:
+        if weight <= 0:
+            raise ConfigError(f"--model.distill_weight must be > 0 with --model.teacher, got {weight}.")
+        teacher = read_model(path, "--model.teacher")
+        ours, theirs = self.model.model[-1], teacher.model[-1]
+        if (theirs.nc, theirs.nl, theirs.na) != (ours.nc, ours.nl, ours.na) or \
+                not torch.equal(theirs.anchors.cpu(), ours.anchors.cpu()):
+            raise ConfigError(f"--model.teacher {path} has a head for {theirs.nc} classes, {theirs.nl} layers of "
+                              f"{theirs.na} anchors; this model's has {ours.nc} classes, {ours.nl} layers of {ours.na}"
+                              " anchors (or other anchors): distil from a model trained on the same data set.")
+        rank_zero_info(f"Distilling from {path} ({count_parameters(teacher):,} parameters), weight {weight}")
+        return OutputDistillation(teacher, weight)
 
     @property
     def compute_loss(self):
@@ -96,9 +126,7 @@ class Detector(pl.LightningModule):
 
     def forward(self, images: torch.Tensor):
         """Return the model's raw output for uint8 or float images in [0, 1]."""
-        if images.dtype == torch.uint8:
-            images = images.float() / 255
-        return self.model(images)
+        return self.model(_as_float(images))
 
     def model_summary(self) -> dict:
         """Return the parameter count and GFLOPs at the training image size."""
@@ -121,7 +149,15 @@ class Detector(pl.LightningModule):
         accumulate = apply_schedule(optimizer.optimizer, self.recipe, iteration, self.current_epoch,
                                     self.trainer.max_epochs, warmup_iterations(batches, self.recipe),
                                     self.hparams.batch_size, self.trainer.world_size)
-        loss, items = self.compute_loss(self(batch["images"]), batch["targets"])
+        images = _as_float(batch["images"])
+        outputs = self(images)
+        loss, items = self.compute_loss(outputs, batch["targets"])
+        batch_size = len(images)
+        if self.distillation is not None:
+            distill = self.distillation.loss(images, outputs, self.model.hyp, self.compute_loss.balance)
+            loss = loss + distill
+            self.log("train/distill_loss", distill.detach() / batch_size, on_step=False, on_epoch=True,
+                     prog_bar=True, batch_size=batch_size)
         self._stop_unless_finite(loss, batch, batch_idx)
         # YOLOv5's loss is a sum over the batch; DDP averages gradients, so scaling by the world size keeps the
         # step equal to one process with the whole batch.
@@ -130,7 +166,6 @@ class Detector(pl.LightningModule):
             optimizer.step()
             optimizer.zero_grad()
             self.last_optimizer_step = iteration
-        batch_size = len(batch["images"])
         for name, value in zip(LOSS_NAMES, items):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", optimizer.optimizer.param_groups[1]["lr"], on_step=True, on_epoch=False,

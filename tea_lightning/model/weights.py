@@ -70,30 +70,68 @@ def build_model(model_cfg: str, nc: int) -> nn.Module:
         return Model(str(resolve_model_yaml(model_cfg)), ch=3, nc=nc)
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """Return the float32 weights of an official YOLOv5 `.pt` (its EMA if present, else its model) or of a
-    tea-lightning `.ckpt` (its EMA weights), and whether they came from a tea-lightning checkpoint.
-
-    YOLOv5 `.pt` files are pickled model objects: loading them runs code from the file (weights_only=False), so
-    only files from a source you trust should be given.
-    """
+def _load(path: str | Path, option: str):
+    """Return the unpickled contents of a weights file, or raise an error that names the file and the option."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ModelConfigError(f"--model.weights {path} does not exist: give the path of a YOLOv5 .pt file or a "
+        raise ModelConfigError(f"{option} {path} does not exist: give the path of a YOLOv5 .pt file or a "
                                "tea-lightning .ckpt.")
     import yolov5.models.yolo  # noqa: F401  puts the package's `models` on sys.path so the pickle resolves
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file raises one of many types
-        raise ModelConfigError(f"--model.weights {path} could not be read as a checkpoint: {err}") from err
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:  # a Lightning checkpoint of ours
-        prefix = "model."
-        return {k[len(prefix):]: v.float() for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}, True
+        raise ModelConfigError(f"{option} {path} could not be read as a checkpoint: {err}") from err
+
+
+def _pickled_model(checkpoint, path: str | Path, option: str) -> nn.Module:
+    """Return the model of a YOLOv5 `.pt`: its EMA if present, else its model."""
     model = checkpoint.get("ema") or checkpoint.get("model") if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(model, nn.Module):
-        raise ModelConfigError(f"--model.weights {path} holds neither a YOLOv5 model nor a Lightning state_dict.")
-    return {k: v.float() for k, v in model.state_dict().items()}, False
+        raise ModelConfigError(f"{option} {path} holds neither a YOLOv5 model nor a Lightning state_dict.")
+    return model
+
+
+def _is_lightning_checkpoint(checkpoint) -> bool:
+    return isinstance(checkpoint, dict) and "state_dict" in checkpoint
+
+
+def _model_weights(checkpoint) -> dict[str, torch.Tensor]:
+    """Return the YOLOv5 model's float32 tensors from one of our Lightning checkpoints (its EMA weights)."""
+    prefix = "model."
+    return {k[len(prefix):]: v.float() for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+
+
+def read_weights(path: str | Path, option: str = "--model.weights") -> tuple[dict[str, torch.Tensor], bool]:
+    """Return the float32 weights of an official YOLOv5 `.pt` (its EMA if present, else its model) or of a
+    tea-lightning `.ckpt` (its EMA weights), and whether they came from a tea-lightning checkpoint.
+
+    YOLOv5 `.pt` files are pickled model objects: loading them runs code from the file (weights_only=False), so
+    only files from a source you trust should be given. `option` names the setting in error messages.
+    """
+    checkpoint = _load(path, option)
+    if _is_lightning_checkpoint(checkpoint):
+        return _model_weights(checkpoint), True
+    return {k: v.float() for k, v in _pickled_model(checkpoint, path, option).state_dict().items()}, False
+
+
+def read_model(path: str | Path, option: str) -> nn.Module:
+    """Return the whole float32 model of a YOLOv5 `.pt` or of a tea-lightning `.ckpt`, pruned or not, with the
+    architecture it was saved with (from the checkpoint's model yaml and class count for a `.ckpt`)."""
+    from tea_lightning.pruning.structure import resize_to_state_dict
+
+    checkpoint = _load(path, option)
+    if not _is_lightning_checkpoint(checkpoint):
+        return _pickled_model(checkpoint, path, option).float()
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "model_cfg" not in hparams or "nc" not in hparams:
+        raise ModelConfigError(f"{option} {path} is a Lightning checkpoint without tea-lightning's model_cfg and nc "
+                               "hyperparameters: give a checkpoint written by tea-lightning fit.")
+    model = build_model(hparams["model_cfg"], hparams["nc"])
+    state = _model_weights(checkpoint)
+    resize_to_state_dict(model, state)
+    model.load_state_dict(state)
+    return model
 
 
 def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -56,7 +56,7 @@ def benchmark_main(argv: list[str]) -> None:
         raise ConfigError("--runs and --batch must be at least 1 and --warmup at least 0.")
     if options.threads:
         torch.set_num_threads(options.threads)
-    detector = Detector.load_from_checkpoint(options.checkpoint, map_location="cpu", weights_only=False)
+    detector = Detector.from_checkpoint(options.checkpoint)
     img = options.img or detector.hparams.img_size
     if img % 32:
         raise ConfigError(f"--img must be a multiple of 32, got {img}.")

@@ -28,8 +28,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 STATE_FILE = "sweep.json"
 METRICS = ("mAP50", "mAP50-95", "precision", "recall", "f1", "fitness")
 # Options whose change would make finished steps incomparable with new ones; models and ratios may grow.
-FIXED_OPTIONS = ("data", "img", "batch", "epochs", "finetune_epochs", "importance", "seed", "weights", "baseline",
-                 "extra")
+FIXED_OPTIONS = ("data", "img", "batch", "epochs", "finetune_epochs", "importance", "distill", "seed", "weights",
+                 "baseline", "extra")
+ADDED_OPTIONS = {"distill": 0.0}  # options newer than some state files: the value those studies ran with
 EPOCH_OPTIONS = ("epochs", "finetune_epochs")  # {"*": N for every model, MODEL: N}
 
 
@@ -110,7 +111,7 @@ class Study:
         fixed = {key: _jsonable(getattr(options, key)) for key in FIXED_OPTIONS}
         if self.path.is_file():
             self.state = json.loads(self.path.read_text())
-            before = {k: self.state["options"].get(k) for k in FIXED_OPTIONS}
+            before = {k: self.state["options"].get(k, ADDED_OPTIONS.get(k)) for k in FIXED_OPTIONS}
             for key in EPOCH_OPTIONS:  # state files from before per-model epochs hold one number
                 if not isinstance(before[key], dict):
                     before[key] = {"*": str(before[key])}
@@ -164,7 +165,7 @@ class Study:
         """Return the `tea-lightning` arguments of a step."""
         o = self.options
         config = {"study": self.name, "step": step.name, "model": step.model, "pruning_ratio": step.ratio,
-                  "importance": o.importance, "seed": o.seed, "img_size": o.img}
+                  "importance": o.importance, "distill": o.distill, "seed": o.seed, "img_size": o.img}
         tags = [self.name, step.model, step.job] + ([f"ratio-{step.ratio:g}"] if step.ratio else [])
         args = ["fit" if step.fits else "validate", "--config", str(CONFIG_DIR / f"{step.model}.yaml"), *o.extra,
                 "--data.data_yaml", str(o.data), "--data.img_size", str(o.img), "--data.batch_size", str(o.batch),
@@ -186,8 +187,10 @@ class Study:
         if step.job == "baseline" and step.model in o.weights:
             args += ["--model.weights", str(o.weights[step.model])]
         elif step.job in ("prune", "finetune"):
-            args += ["--model.weights", str(self.checkpoint(step.model, 0.0)),
-                     *prune_flags(step.ratio, o.importance, o.seed)]
+            baseline = str(self.checkpoint(step.model, 0.0))
+            args += ["--model.weights", baseline, *prune_flags(step.ratio, o.importance, o.seed)]
+            if step.job == "finetune" and o.distill:
+                args += ["--model.teacher", baseline, "--model.distill_weight", str(o.distill)]
         elif step.job == "eval":
             args += ["--ckpt_path", str(self.checkpoint(step.model, step.ratio))]
         return args
@@ -304,6 +307,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", nargs="*", default=[], metavar="MODEL=CKPT",
                         help="an already trained baseline .ckpt to use instead of fitting one")
     parser.add_argument("--importance", default="l2", choices=["l2", "l1", "taylor", "bn_scale", "lamp", "random"])
+    parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+                        help="fine-tune with distillation from the unpruned baseline at this loss weight "
+                             "(e.g. 1; default: 0, off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (default: runs/study)")
     parser.add_argument("--study", default=None, help="W&B group name (default: the --out folder's name)")
@@ -322,6 +328,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise ConfigError(f"--ratios must lie between 0 and 1 (exclusive), got {options.ratios}.")
     options.epochs = _epochs(options.epochs, "--epochs", options.models)
     options.finetune_epochs = _epochs(options.finetune_epochs, "--finetune-epochs", options.models)
+    if options.distill < 0:
+        raise ConfigError(f"--distill must be >= 0 (0: no distillation), got {options.distill:g}.")
     if options.img % 32 or min(options.batch, options.latency_runs) < 1:
         raise ConfigError("--img must be a multiple of 32; --batch and --latency-runs at least 1.")
     if not options.data.is_file():

@@ -196,6 +196,7 @@ def test_benchmark_prints_batch_1_and_n_latency_of_a_pruned_checkpoint(study, tm
     ({"--epochs": "0"}, "--epochs takes one number of epochs"),
     ({"--epochs": "yolov5s=3"}, "--epochs takes one number .* of --models \\(yolov5n\\)"),
     ({"--finetune-epochs": "yolov5n=x"}, "--finetune-epochs takes one number"),
+    ({"--distill": "-1"}, "--distill must be >= 0"),
 ])
 def test_bad_options_are_named(synthetic_yaml, tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -231,3 +232,25 @@ def test_a_study_folder_refuses_other_options(study, synthetic_yaml):
         sweep_main(sweep_args(synthetic_yaml, out, **{"--finetune-epochs": "yolov5n=3"}))
     with pytest.raises(ConfigError, match="--weights takes MODEL=PATH"):
         sweep_main(sweep_args(synthetic_yaml, out, **{"--weights": "yolov5s=x.pt"}))
+
+
+def test_distill_makes_the_finetune_step_learn_from_the_baseline_and_older_studies_continue(study, synthetic_yaml,
+                                                                                          tmp_path):
+    out, *_ = study
+    baseline = json.loads((out / STATE_FILE).read_text())["steps"]["yolov5n/baseline"]["checkpoint"]
+    args = sweep_args(synthetic_yaml, tmp_path / "d", **{"--baseline": f"yolov5n={baseline}", "--distill": "2"})
+    commands = {step.name: Study(parse(args)).command(step) for step in plan(["yolov5n"], [0.3])
+                if step.job in ("prune", "finetune")}
+    finetune = commands["finetune-0.3"]
+    assert finetune[finetune.index("--model.teacher") + 1] == baseline
+    assert finetune[finetune.index("--model.distill_weight") + 1] == "2.0"
+    assert not any("--model.teacher" in command for name, command in commands.items() if name != "finetune-0.3")
+    # a study from before --distill existed ran without it, and continues without it
+    state = json.loads((out / STATE_FILE).read_text())
+    del state["options"]["distill"]
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / STATE_FILE).write_text(json.dumps(state))
+    assert Study(parse(sweep_args(synthetic_yaml, older))).state["steps"] == state["steps"]
+    with pytest.raises(ConfigError, match="--distill was 0.0, now 1.0"):
+        Study(parse(sweep_args(synthetic_yaml, older, **{"--distill": "1"})))
