@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tea_lightning.cli import cli_main
 from tea_lightning.model.complexity import count_parameters
@@ -127,6 +128,17 @@ def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path, import
                        "--trainer.callbacks.importance", importance])
     assert count_parameters(pruned.model.model) < 0.6 * count_parameters(base.model.model)
     assert all(p.grad is None for p in pruned.model.parameters())  # Taylor's gradients are not left behind
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parents[2] / "configs" / "prune").glob("*.yaml")),
+                         ids=lambda path: path.stem)
+def test_shipped_pruning_configs_prune_as_they_say(synthetic_yaml, tmp_path, config):
+    cli = cli_main(["validate", *FAST, "--config", str(config), "--data.data_yaml", str(synthetic_yaml),
+                    "--trainer.default_root_dir", str(tmp_path)])
+    stated = yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"]
+    callback = pruning_callback(cli)
+    assert callback.pruning_ratio == stated["pruning_ratio"] and callback.steps_done == 1
+    assert callback.prune_options["importance"] == stated["importance"]
 
 
 def test_bf16_mixed_precision_on_cpu_prunes_and_trains(synthetic_yaml, tmp_path):
