@@ -1,9 +1,9 @@
 #!/bin/bash
 # Multi-node DDP training under SLURM: one task per GPU; Lightning reads SLURM's variables for ranks and addresses.
 #   sbatch scripts/slurm_fit.sh [more tea-lightning fit options]
-# Two minutes before the time limit SLURM sends SIGUSR1: Lightning writes hpc_ckpt_<n>.ckpt in the root folder and
-# requeues the job, and the requeued job (same job id, same W&B run) resumes from it on its own. A preemption's
-# SIGTERM writes the run's checkpoints/last.ckpt (resume with --ckpt_path).
+# Two minutes before the time limit SLURM sends SIGUSR1: every process stops after the same batch, hpc_ckpt_<n>.ckpt
+# is written in the root folder and the job is requeued; the requeued job (same job id, same W&B run) resumes from it
+# on its own. A preemption's SIGTERM writes the run's checkpoints/last.ckpt (resume with --ckpt_path).
 #SBATCH --job-name=tea-lightning
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4

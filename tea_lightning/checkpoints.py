@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities import rank_zero_warn
@@ -84,7 +86,11 @@ class SaveOnInterrupt(Checkpoint):
     one flag reduced over all processes, so under DDP every rank stops at the same batch and writes the checkpoint
     together, whichever of them was signalled. Lightning 2.6's own SIGTERM handler broadcasts from inside the
     handler, which deadlocks a 2-process run killed during training (Lightning issue #20806; seen here), so it is
-    replaced while training runs. A second Ctrl+C stops at once, without a checkpoint. Lightning's own
+    replaced while training runs. Under SLURM with Lightning's auto-requeue (the default), SLURM's warning signal
+    before the time limit (SIGUSR1 with `#SBATCH --signal=SIGUSR1@120`) is handled the same way, for the same reason
+    (Lightning's handler saves from inside the handler): all processes stop at one batch, the checkpoint goes where
+    Lightning looks when the requeued job starts (`<default_root_dir>/hpc_ckpt_<n>.ckpt`), and rank 0 requeues the
+    job with `scontrol requeue`. A second Ctrl+C stops at once, without a checkpoint. Lightning's own
     OnExceptionCheckpoint saves on any error (also a broken config before training) and deletes its file when a later
     run ends; here only interruptions count and the file is the one users resume from.
     """
@@ -95,20 +101,26 @@ class SaveOnInterrupt(Checkpoint):
         self._received: int | None = None  # the signal this process got, until the run stops
         self._stopping = False  # all processes agreed to stop at this batch boundary
         self._previous_handlers: dict = {}
+        self._requeue_signal: int | None = None  # SLURM's, when Lightning would requeue the job
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._received, self._stopping = None, False
+        environment = trainer._accelerator_connector.cluster_environment  # the one Lightning's handlers consult
+        self._requeue_signal = environment.requeue_signal if isinstance(environment, SLURMEnvironment) \
+            and environment.auto_requeue else None
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            self._previous_handlers = {signum: signal.getsignal(signum) for signum in self._SIGNALS}
-            for signum in self._SIGNALS:
+            signals = [*self._SIGNALS, *([self._requeue_signal] if self._requeue_signal else [])]
+            self._previous_handlers = {signum: signal.getsignal(signum) for signum in signals}
+            for signum in signals:
                 signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame) -> None:
         if self._received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # asked twice: stop now
         self._received = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping after this batch and saving the run "
-              "(Ctrl+C again to stop at once).", file=sys.stderr, flush=True)
+        then = "requeueing the SLURM job" if signum == self._requeue_signal else "Ctrl+C again to stop at once"
+        print(f"\n{signal.Signals(signum).name} received: stopping after this batch and saving the run ({then}).",
+              file=sys.stderr, flush=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._stop_if_signalled(trainer)
@@ -129,12 +141,37 @@ class SaveOnInterrupt(Checkpoint):
             return
         if not self._stopping:
             return  # a second Ctrl+C, mid-batch: the weights may be half updated, and other processes cannot join
+        if self._received == self._requeue_signal:
+            self._save_and_requeue(trainer)
+            return
         path = run_dir(trainer) / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         cause = "Ctrl+C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
         rank_zero_warn(f"Interrupted by {cause} at epoch {trainer.current_epoch}, after "
                        f"{trainer.fit_loop.epoch_loop.batch_progress.current.completed} batches of it: the run "
                        f"so far is saved in {path}. Continue it with:\n  {resume_command(path)}")
+
+    def _save_and_requeue(self, trainer) -> None:
+        # the path (a private Lightning helper) and the requeue command are those of Lightning's own handler, so the
+        # requeued job resumes from this checkpoint by itself
+        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path, weights_only=False)
+        if not trainer.is_global_zero:
+            return
+        job = os.environ["SLURM_JOB_ID"]
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        try:
+            requeued = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        except FileNotFoundError:
+            requeued = None
+        if requeued is not None and requeued.returncode == 0:
+            rank_zero_warn(f"SLURM's time-limit signal at epoch {trainer.current_epoch}: the run is saved in {path} "
+                           f"and job {job} is requeued; it resumes from there by itself.")
+        else:
+            reason = "scontrol was not found" if requeued is None else requeued.stderr.strip() or requeued.returncode
+            rank_zero_warn(f"SLURM's time-limit signal: the run is saved in {path}, but `scontrol requeue {job}` "
+                           f"failed ({reason}). Submit the job again: it resumes from that checkpoint by itself.")
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():

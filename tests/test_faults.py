@@ -4,6 +4,7 @@ lists every case with the test that tries it."""
 
 import errno
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -215,9 +216,9 @@ def test_output_folder_that_cannot_be_written(synthetic_yaml, tmp_path):
 
 
 # ---- runtime ------------------------------------------------------------------------------------------------------
-def run_command(*args: str) -> subprocess.CompletedProcess:
+def run_command(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tea_lightning.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+                          timeout=600, cwd=ROOT, env=env)
 
 
 PRUNE_AT_0 = ["--trainer.callbacks+=tea_lightning.ChannelPruning", "--trainer.callbacks.pruning_ratio", "0.3",
@@ -273,6 +274,34 @@ def test_sigterm_to_one_ddp_process_stops_both_at_one_batch_and_resumes(syntheti
     final = torch.load(tmp_path / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["epoch"] == 2
     assert {k: v.shape for k, v in final["state_dict"].items()} == {k: v.shape for k, v in saved["state_dict"].items()}
+
+
+def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_resumes_by_itself(synthetic_yaml, tmp_path):
+    # One SLURM task as srun starts it, and an scontrol that records what it was asked
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
+    scontrol.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NTASKS": "1",
+           "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "tea-test"}
+    args = fit_args(synthetic_yaml, tmp_path / "runs", epochs=3)
+    stopped = run_command(*args, "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "1",
+                          "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signal.SIGUSR1)),
+                          env=env)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    assert "job 4242 is requeued" in stopped.stderr
+    saved = torch.load(tmp_path / "runs" / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
+
+    requeued = run_command(*args, env=env)  # the same command, as the requeued job runs it
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "hpc_ckpt_1.ckpt" in requeued.stdout + requeued.stderr  # Lightning restored it by itself
+    final = torch.load(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)
+    assert final["epoch"] == 2
 
 
 def test_kill_9_mid_epoch_loses_at_most_that_epoch(synthetic_yaml, tmp_path):
