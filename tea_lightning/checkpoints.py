@@ -102,9 +102,10 @@ class SaveOnInterrupt(Checkpoint):
         self._stopping = False  # all processes agreed to stop at this batch boundary
         self._previous_handlers: dict = {}
         self._requeue_signal: int | None = None  # SLURM's, when Lightning would requeue the job
+        self._requeue = False  # all processes agreed that this stop is SLURM's (any of them got its signal)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._received, self._stopping = None, False
+        self._received, self._stopping, self._requeue = None, False, False
         environment = trainer._accelerator_connector.cluster_environment  # the one Lightning's handlers consult
         self._requeue_signal = environment.requeue_signal if isinstance(environment, SLURMEnvironment) \
             and environment.auto_requeue else None
@@ -133,6 +134,9 @@ class SaveOnInterrupt(Checkpoint):
         if not trainer.strategy.reduce_boolean_decision(self._received is not None, all=False):
             return
         self._stopping = True
+        # the kind of stop must agree too, whichever process got which signal
+        self._requeue = self._requeue_signal is not None and trainer.strategy.reduce_boolean_decision(
+            self._received == self._requeue_signal, all=False)
         raise KeyboardInterrupt if self._received == signal.SIGINT else SIGTERMException
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -141,7 +145,7 @@ class SaveOnInterrupt(Checkpoint):
             return
         if not self._stopping:
             return  # a second Ctrl+C, mid-batch: the weights may be half updated, and other processes cannot join
-        if self._received == self._requeue_signal:
+        if self._requeue:
             self._save_and_requeue(trainer)
             return
         path = run_dir(trainer) / "checkpoints" / "last.ckpt"

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tea_lightning.errors import UserError
+from tea_lightning.pruning.structure import resize_to_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,14 @@ def _model_weights(checkpoint) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v.float() for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
-def read_weights(path: str | Path, option: str = "--model.weights") -> tuple[dict[str, torch.Tensor], bool]:
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Return the float32 weights of an official YOLOv5 `.pt` (its EMA if present, else its model) or of a
     tea-lightning `.ckpt` (its EMA weights), and whether they came from a tea-lightning checkpoint.
 
     YOLOv5 `.pt` files are pickled model objects: loading them runs code from the file (weights_only=False), so
-    only files from a source you trust should be given. `option` names the setting in error messages.
+    only files from a source you trust should be given.
     """
+    option = "--model.weights"
     checkpoint = _load(path, option)
     if _is_lightning_checkpoint(checkpoint):
         return _model_weights(checkpoint), True
@@ -118,8 +120,6 @@ def read_weights(path: str | Path, option: str = "--model.weights") -> tuple[dic
 def read_model(path: str | Path, option: str) -> nn.Module:
     """Return the whole float32 model of a YOLOv5 `.pt` or of a tea-lightning `.ckpt`, pruned or not, with the
     architecture it was saved with (from the checkpoint's model yaml and class count for a `.ckpt`)."""
-    from tea_lightning.pruning.structure import resize_to_state_dict
-
     checkpoint = _load(path, option)
     if not _is_lightning_checkpoint(checkpoint):
         return _pickled_model(checkpoint, path, option).float()
