@@ -55,10 +55,7 @@ class OutputDistillation:
         `hyp` and `balance` are YOLOv5's box/obj/cls gains and per-layer objectness balance (ComputeLoss's), so the
         terms keep the proportions of the loss the student trains on anyway.
         """
-        teacher = self.teacher_outputs(images)
-        if len(teacher) != len(student) or any(t.shape != s.shape for t, s in zip(teacher, student)):
-            raise ValueError(f"the teacher's outputs {[tuple(t.shape) for t in teacher]} do not match the student's "
-                             f"{[tuple(s.shape) for s in student]}: the teacher needs the same classes and anchors.")
+        teacher = self.teacher_outputs(images)  # the same layout as the student's: Detector checks the heads once
         box = obj = cls = student[0].new_zeros(())
         for t, s, layer_balance in zip(teacher, student, balance):
             t, s = t.float(), s.float()
