@@ -85,7 +85,7 @@ class ChannelPruning(pl.Callback):
             self.original_channels = output_channels(pl_module.model)
         while self.steps_done < len(due):
             # step k of n removes k/n of the target, counted on the original channels
-            self._step(trainer, pl_module, self._target(pl_module) * (self.steps_done + 1) / steps)
+            self._step(trainer, pl_module, share=(self.steps_done + 1) / steps)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         # Lightning calls this on unscaled gradients, after DDP's all-reduce: every rank adds the same penalty.
@@ -105,7 +105,7 @@ class ChannelPruning(pl.Callback):
 
     def _prune_once_for_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn in ("validate", "test") and self.steps_done == 0:
-            self._step(trainer, pl_module, self._target(pl_module), steps=1)
+            self._step(trainer, pl_module, share=1.0, steps=1)
 
     # ---- one pruning step --------------------------------------------------------------------------------------
     def _example(self, pl_module: pl.LightningModule) -> torch.Tensor:
@@ -121,12 +121,15 @@ class ChannelPruning(pl.Callback):
                                                 **self.prune_options)
         return self.channel_ratio
 
-    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ratio: float, steps: int | None = None):
+    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, share: float, steps: int | None = None):
+        """Prune to `share` of the total target (a channel ratio of the unpruned model)."""
         steps = steps or len(self.schedule)
         # validate/test run under inference mode, where no autograd graph (the dependency graph's source) exists
         with torch.inference_mode(False), torch.enable_grad():
             if self.prune_options["importance"] == "taylor":
                 _loss_gradients(trainer, pl_module)
+            # after the gradients: finding the ratio for a macs_reduction prunes trial copies, which Taylor ranks by them
+            ratio = self._target(pl_module) * share
             result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options,
                            original_channels=self.original_channels if steps > 1 else None)
         pl_module.model.zero_grad(set_to_none=True)

@@ -119,15 +119,28 @@ def test_pruned_weights_start_a_new_fit(pruned_run, synthetic_yaml, tmp_path):
     assert count_parameters(again.model.model) == count_parameters(cli.model.model)
 
 
+def validate_pruned(synthetic_yaml, root, *options):
+    return cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
+                     str(need(YOLOV5N)), "--trainer.default_root_dir", str(root), *options])
+
+
 @pytest.mark.parametrize("importance", ["l2", "taylor"])
 def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path, importance):
-    base = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
-                     str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "a")])
-    pruned = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
-                       str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "b"), *PRUNE,
-                       "--trainer.callbacks.importance", importance])
+    base = validate_pruned(synthetic_yaml, tmp_path / "a")
+    pruned = validate_pruned(synthetic_yaml, tmp_path / "b", *PRUNE, "--trainer.callbacks.importance", importance)
     assert count_parameters(pruned.model.model) < 0.6 * count_parameters(base.model.model)
     assert all(p.grad is None for p in pruned.model.parameters())  # Taylor's gradients are not left behind
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_a_macs_target_is_met_with_every_criterion(synthetic_yaml, tmp_path, importance):
+    # finding the channel ratio for a MACs target prunes trial copies, which Taylor ranks by the loss gradients
+    base = validate_pruned(synthetic_yaml, tmp_path / "a")
+    pruned = validate_pruned(synthetic_yaml, tmp_path / "b", "--trainer.callbacks+=tea_lightning.ChannelPruning",
+                             "--trainer.callbacks.macs_reduction", "0.4", "--trainer.callbacks.global_pruning", "true",
+                             "--trainer.callbacks.importance", importance)
+    after, before = pruned.model.model_summary()["model/GFLOPs"], base.model.model_summary()["model/GFLOPs"]
+    assert after / before == pytest.approx(0.6, abs=0.03)
 
 
 @pytest.mark.parametrize("config", sorted((Path(__file__).parents[2] / "configs" / "prune").glob("*.yaml")),
