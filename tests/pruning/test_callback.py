@@ -119,15 +119,15 @@ def test_pruned_weights_start_a_new_fit(pruned_run, synthetic_yaml, tmp_path):
     assert count_parameters(again.model.model) == count_parameters(cli.model.model)
 
 
-def validate_pruned(synthetic_yaml, root, *options):
+def validate_yolov5n(synthetic_yaml, root, *options):
     return cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
                      str(need(YOLOV5N)), "--trainer.default_root_dir", str(root), *options])
 
 
 @pytest.mark.parametrize("importance", ["l2", "taylor"])
 def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path, importance):
-    base = validate_pruned(synthetic_yaml, tmp_path / "a")
-    pruned = validate_pruned(synthetic_yaml, tmp_path / "b", *PRUNE, "--trainer.callbacks.importance", importance)
+    base = validate_yolov5n(synthetic_yaml, tmp_path / "a")
+    pruned = validate_yolov5n(synthetic_yaml, tmp_path / "b", *PRUNE, "--trainer.callbacks.importance", importance)
     assert count_parameters(pruned.model.model) < 0.6 * count_parameters(base.model.model)
     assert all(p.grad is None for p in pruned.model.parameters())  # Taylor's gradients are not left behind
 
@@ -135,8 +135,8 @@ def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path, import
 @pytest.mark.parametrize("importance", ["l2", "taylor"])
 def test_a_macs_target_is_met_with_every_criterion(synthetic_yaml, tmp_path, importance):
     # finding the channel ratio for a MACs target prunes trial copies, which Taylor ranks by the loss gradients
-    base = validate_pruned(synthetic_yaml, tmp_path / "a")
-    pruned = validate_pruned(synthetic_yaml, tmp_path / "b", "--trainer.callbacks+=tea_lightning.ChannelPruning",
+    base = validate_yolov5n(synthetic_yaml, tmp_path / "a")
+    pruned = validate_yolov5n(synthetic_yaml, tmp_path / "b", "--trainer.callbacks+=tea_lightning.ChannelPruning",
                              "--trainer.callbacks.macs_reduction", "0.4", "--trainer.callbacks.global_pruning", "true",
                              "--trainer.callbacks.importance", importance)
     after, before = pruned.model.model_summary()["model/GFLOPs"], base.model.model_summary()["model/GFLOPs"]
