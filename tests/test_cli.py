@@ -95,7 +95,8 @@ def test_wandb_offline_run_holds_the_config_params_and_gflops(synthetic_yaml, tm
     record_file = run / f"run-{run.name.split('-')[-1]}.wandb"  # what `wandb sync` uploads
     # W&B's service process may still be writing it when finish() returns (seen on a busy machine)
     deadline = time.monotonic() + 120
-    while not all(key in (record := record_file.read_bytes()) for key in (b"model/GFLOPs", b"val/mAP50")):
+    keys = (b"model/GFLOPs", b"val/mAP50")
+    while not (record_file.exists() and all(key in record_file.read_bytes() for key in keys)):
         assert time.monotonic() < deadline, f"{record_file} holds no model/GFLOPs and val/mAP50 after 120 s"
         time.sleep(0.5)
     assert not (tmp_path / "wandb").exists()
