@@ -5,6 +5,8 @@ ONNX Runtime), mAP right after one-shot pruning and after fine-tuning, next to t
         --data ../shared/data/tea_shoots/data.yaml --img 416 --ratios 0.1 0.3 0.5 0.7 \
         --finetune-ratios 0.3 0.5 --finetune-epochs 10 --out runs/pruning
 
+`--importance taylor --distill` gives the recipe the shipped configs/prune/*.yaml recommend (Taylor importance, the
+baseline as the teacher while fine-tuning); `--seed` repeats the fine-tuning runs with another seed.
 Prints a Markdown table for docs/benchmarks.md.
 """
 
@@ -35,13 +37,14 @@ def validate(data: Path, img: int, out: Path, *extra: str) -> tuple[dict, object
     return {"mAP50": float(metrics["val/mAP50"]), "mAP50-95": float(metrics["val/mAP50-95"])}, cli.model.model
 
 
-def finetune(baseline: Path, data: Path, img: int, batch: int, epochs: int, out: Path, *extra: str) -> dict:
+def finetune(options: argparse.Namespace, out: Path, *extra: str) -> dict:
     """Return the re-validated best checkpoint's mAP of a fit that starts from the baseline's weights."""
-    fit = cli_main(["fit", *COMMON, "--data.data_yaml", str(data), "--data.img_size", str(img), "--data.batch_size",
-                    str(batch), "--model.weights", str(baseline), "--trainer.max_epochs", str(epochs),
+    fit = cli_main(["fit", *COMMON, "--data.data_yaml", str(options.data), "--data.img_size", str(options.img),
+                    "--data.batch_size", str(options.batch), "--model.weights", str(options.baseline),
+                    "--trainer.max_epochs", str(options.finetune_epochs), "--seed_everything", str(options.seed),
                     "--trainer.default_root_dir", str(out), *extra])
     best = fit.trainer.checkpoint_callback.best_model_path
-    return validate(data, img, out / "check", "--ckpt_path", best)[0]
+    return validate(options.data, options.img, out / "check", "--ckpt_path", best)[0]
 
 
 def main() -> None:
@@ -53,26 +56,30 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
     parser.add_argument("--finetune-ratios", type=float, nargs="*", default=[0.3])
     parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--importance", default="l2", help="ChannelPruning's criterion (l2, taylor, ...)")
+    parser.add_argument("--distill", action="store_true",
+                        help="distil from the baseline while fine-tuning the pruned models (--model.teacher)")
+    parser.add_argument("--seed", type=int, default=0, help="--seed_everything of the fine-tuning runs")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pruning")
     options = parser.parse_args()
     weights = ["--model.weights", str(options.baseline)]
+    teacher = ["--model.teacher", str(options.baseline)] if options.distill else []
     rows = []
     base_map, base_model = validate(options.data, options.img, options.out / "base", *weights)
     base = {**measure(base_model, options.img, options.out / "base.onnx"), "pruned": base_map}
     if options.finetune_ratios:
-        base["finetuned"] = finetune(options.baseline, options.data, options.img, options.batch,
-                                     options.finetune_epochs, options.out / "base_more")
+        base["finetuned"] = finetune(options, options.out / "base_more")
     rows.append(("baseline", base))
     for ratio in options.ratios:
-        pruned_map, model = validate(options.data, options.img, options.out / f"p{ratio}", *weights,
-                                     *prune_flags(ratio))
+        flags = prune_flags(ratio, options.importance)
+        pruned_map, model = validate(options.data, options.img, options.out / f"p{ratio}", *weights, *flags)
         row = {**measure(model, options.img, options.out / f"p{ratio}.onnx"), "pruned": pruned_map}
         if ratio in options.finetune_ratios:
-            row["finetuned"] = finetune(options.baseline, options.data, options.img, options.batch,
-                                        options.finetune_epochs, options.out / f"ft{ratio}", *prune_flags(ratio))
+            row["finetuned"] = finetune(options, options.out / f"ft{ratio}", *flags, *teacher)
         rows.append((f"{ratio:.1f}", row))
     print(f"{datetime.date.today()}, {torch.get_num_threads()} threads, image size {options.img}, "
-          f"fine-tuning {options.finetune_epochs} epochs (baseline: {options.finetune_epochs} more epochs)")
+          f"{options.importance} importance{', distilled from the baseline' if options.distill else ''}, fine-tuning "
+          f"{options.finetune_epochs} epochs with seed {options.seed} (baseline: {options.finetune_epochs} more epochs)")
     print("| pruning ratio | params | GFLOPs | PyTorch ms (b1) | ONNX Runtime ms (b1) | mAP50 / mAP50-95 after "
           "pruning | after fine-tuning |\n|---|---|---|---|---|---|---|")
     b = rows[0][1]
