@@ -137,8 +137,8 @@ def test_a_macs_target_is_met_with_every_criterion(synthetic_yaml, tmp_path, imp
     # finding the channel ratio for a MACs target prunes trial copies, which Taylor ranks by the loss gradients
     base = validate_yolov5n(synthetic_yaml, tmp_path / "a")
     pruned = validate_yolov5n(synthetic_yaml, tmp_path / "b", "--trainer.callbacks+=tea_lightning.ChannelPruning",
-                             "--trainer.callbacks.macs_reduction", "0.4", "--trainer.callbacks.global_pruning", "true",
-                             "--trainer.callbacks.importance", importance)
+                              "--trainer.callbacks.macs_reduction", "0.4", "--trainer.callbacks.global_pruning", "true",
+                              "--trainer.callbacks.importance", importance)
     after, before = pruned.model.model_summary()["model/GFLOPs"], base.model.model_summary()["model/GFLOPs"]
     assert after / before == pytest.approx(0.6, abs=0.03)
 
