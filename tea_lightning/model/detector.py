@@ -78,6 +78,9 @@ class Detector(pl.LightningModule):
         self.distillation = self._teacher(teacher, distill_weight) if teacher else None
         self.automatic_optimization = False  # YOLOv5's accumulation changes during warmup; see training_step
         self.metrics = DetectionMetrics(nc)
+        # Lightning's model summary at the start of a fit runs this through the model to print layer shapes and
+        # FLOPs (without it the summary says "Total Flops: 0")
+        self.example_input_array = torch.zeros(1, 3, img_size, img_size)
         self.last_optimizer_step = -1
         self.plot_paths: list[Path] = []
 
