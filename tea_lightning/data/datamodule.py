@@ -80,7 +80,8 @@ class YoloDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Return the augmented, shuffled training loader."""
-        return self._loader(TrainDataset(self.split("train").records, self.img_size, self.augmentation),
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return self._loader(TrainDataset(self.split("train").records, self.img_size, self.augmentation, rank),
                             self.batch_size, shuffle=True)
 
     def importance_dataloader(self, images: int) -> DataLoader:

@@ -29,22 +29,24 @@ class Sample:
 class TrainDataset(Dataset):
     """Training images with YOLOv5's augmentation; each mosaic draws three more images at random."""
 
-    def __init__(self, records: list[ImageRecord], img_size: int, augmentation: Augmentation):
-        self.records, self.img_size = records, img_size
+    def __init__(self, records: list[ImageRecord], img_size: int, augmentation: Augmentation, rank: int = 0):
+        self.records, self.img_size, self.augmentation = records, img_size, augmentation
         self.transform = TrainTransform(img_size, augmentation)
+        self.rank = rank  # the training process's global rank: DDP processes share torch's seed
         self._rng: np.random.Generator | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _generator(self) -> np.random.Generator:
-        """Return this process's random generator, seeded by torch so that each worker and epoch differs."""
+        """Return this process's random generator, seeded by torch and the rank so that each DDP process, loader
+        worker and epoch augments differently."""
         if self._rng is None:
             info = get_worker_info()
-            seed = (info.seed if info else torch.initial_seed()) % 2**32
+            seed = np.random.SeedSequence([(info.seed if info else torch.initial_seed()) % 2**32, self.rank])
             self._rng = np.random.default_rng(seed)
             # forked workers inherit albumentations' generators: without a reseed they would all augment alike
-            self.transform.reseed(seed)
+            self.transform.reseed(int(seed.generate_state(1)[0]))
         return self._rng
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,8 +56,10 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         rng = self._generator()
         image, boxes = self._load(index)
-        others = [self._load(int(i)) for i in rng.integers(0, len(self.records), size=3)]
-        image, labels = self.transform(image, boxes, others, rng)
+        others = []
+        if rng.random() < self.augmentation.mosaic:
+            others = [self._load(int(i)) for i in rng.integers(0, len(self.records), size=3)]
+        image, labels = self.transform(image, boxes, others)
         record = self.records[index]
         return Sample(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(labels),
                       str(record.image), (record.height, record.width), 1.0, (0.0, 0.0))

@@ -119,10 +119,12 @@ class TrainTransform:
         for pipeline in (self.mosaic, self.single, self.photometric):
             pipeline.set_random_seed(seed)
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, others: list[tuple[np.ndarray, np.ndarray]],
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Return the augmented image and its boxes [cls, cx, cy, w, h]; `others` feed the mosaic."""
-        if others and rng.random() < self.aug.mosaic:
+    def __call__(self, image: np.ndarray, boxes: np.ndarray,
+                 others: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Return the augmented image and its boxes [cls, cx, cy, w, h]: a mosaic with the three `others`, or the
+        image alone when there are none (the caller draws the mosaic probability, so that it loads them only when
+        they are used)."""
+        if others:
             metadata = [{"image": img, "bboxes": b[:, 1:], "class_labels": b[:, 0]} for img, b in others]
             out = self.mosaic(image=image, bboxes=boxes[:, 1:], class_labels=boxes[:, 0], mosaic_metadata=metadata)
         else:

@@ -97,6 +97,31 @@ def test_mosaic_combines_images_and_keeps_boxes_inside(tmp_path):
     assert ((labels[:, 1:] >= 0) & (labels[:, 1:] <= 1)).all()
 
 
+def test_ddp_processes_with_the_same_seed_augment_differently(tmp_path):
+    records = [square_image(tmp_path, f"img{i}", (100, 100), (30 + i, 30, 70, 70 - i)) for i in range(6)]
+
+    def first_samples(rank: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)  # Lightning seeds every DDP process alike
+        dataset = TrainDataset(records, 128, Augmentation(), rank)
+        return [dataset[i].image for i in range(3)]
+
+    rank0, rank1 = first_samples(0), first_samples(1)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, first_samples(0)))  # reproducible per process
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
+
+
+def test_without_mosaic_no_other_image_is_read(tmp_path, monkeypatch):
+    import tea_lightning.data.dataset as dataset_module
+
+    records = [square_image(tmp_path, f"img{i}", (100, 100), (30, 30, 70, 70)) for i in range(4)]
+    reads = []
+    monkeypatch.setattr(dataset_module, "read_rgb", lambda path: reads.append(path) or np.asarray(Image.open(path)))
+    dataset = TrainDataset(records, 128, Augmentation(mosaic=0.0))
+    for i in range(4):
+        dataset[i]
+    assert reads == [r.image for r in records]
+
+
 def test_collate_pads_to_the_largest_image_and_renormalises_targets(tmp_path):
     small = square_image(tmp_path, "small", (100, 300), (30, 20, 90, 60))
     large = square_image(tmp_path, "large", (300, 300), (30, 20, 90, 60))
