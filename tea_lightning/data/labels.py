@@ -12,18 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image
 
+from tea_lightning.data.transforms import read_rgb
 from tea_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 # YOLOv5 skips images under 10 pixels a side as corrupt: too small to hold an object at any stride.
 MIN_IMAGE_SIDE = 10
 # Labelling tools write 0.9999999 or 1.0000001; anything further outside [0, 1] is a real labelling error.
 COORD_TOLERANCE = 1e-5
+MIN_BOX_SIDE = 1e-6  # normalised; well above float32's resolution in [0, 1]
 
 
 class DataError(UserError, ValueError):
@@ -100,7 +102,7 @@ class SplitIndex:
 
 def read_data_yaml(path: str | Path) -> DataSpec:
     """Return the splits and names of a YOLO `data.yaml`; paths are relative to its folder or to `path:`."""
-    yaml_path = Path(path).expanduser().resolve()
+    yaml_path = Path(os.path.abspath(Path(path).expanduser()))
     if not yaml_path.is_file():
         raise DataError(f"data yaml {yaml_path} does not exist: pass the path of a YOLO data.yaml (--data.data_yaml).")
     try:
@@ -115,17 +117,22 @@ def read_data_yaml(path: str | Path) -> DataSpec:
     names = content["names"]
     if isinstance(names, dict):  # YOLOv5 also accepts {0: name, 1: name}
         names = [names[k] for k in sorted(names)]
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{yaml_path}: names must be a list of class names (names: [bud, leaf]) or a mapping from "
+                        f"class id to name, got {content['names']!r}.")
     names = [str(n) for n in names]
-    if "nc" in content and int(content["nc"]) != len(names):
+    if "nc" in content and str(content["nc"]) != str(len(names)):
         raise DataError(f"{yaml_path}: nc is {content['nc']} but names lists {len(names)} classes; make them agree.")
+    # Absolute paths without resolving symbolic links: a linked images folder must keep its `images` name, which
+    # tells where the labels are.
     base = yaml_path.parent
     if content.get("path"):
-        base = (base / Path(content["path"]).expanduser()).resolve()
+        base = Path(os.path.abspath(base / Path(content["path"]).expanduser()))
     splits = {}
     for split in ("train", "val", "test"):
         if content.get(split):
             sources = content[split] if isinstance(content[split], list) else [content[split]]
-            splits[split] = [(base / Path(s).expanduser()).resolve() for s in sources]
+            splits[split] = [Path(os.path.abspath(base / Path(s).expanduser())) for s in sources]
     return DataSpec(yaml_path=yaml_path, splits=splits, names=names)
 
 
@@ -137,7 +144,10 @@ def list_images(sources: list[Path], yaml_path: Path) -> list[Path]:
             images += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         elif source.is_file() and source.suffix == ".txt":
             lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
-            images += [(source.parent / line).resolve() for line in lines]
+            images += [Path(os.path.abspath(source.parent / line)) for line in lines]
+        elif source.is_file():
+            raise DataError(f"{source} (from {yaml_path}) is a file but not a .txt list of images: give a folder of "
+                            "images or a .txt file with one image path per line.")
         else:
             raise DataError(f"{source} (from {yaml_path}) does not exist: fix the path in the yaml.")
     return images
@@ -203,22 +213,21 @@ def _parse_label_line(values: list[str], nc: int) -> tuple[np.ndarray | None, st
         xs, ys = coords[0::2], coords[1::2]
         cx, cy, w, h = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, xs.max() - xs.min(), ys.max() - ys.min()
         fmt = "polygon"
-    if w <= 0 or h <= 0:
-        return None, "", "zero-size box"
+    if w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:  # float32 boxes narrower than this would have x_min == x_max
+        return None, "", f"zero-size box (under {MIN_BOX_SIDE:g} of the image wide or high)"
     return np.array([cls, cx, cy, w, h]), fmt, None
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
-    """Return (height, width) of an image as it is displayed, i.e. after its EXIF rotation; raise if unreadable."""
+    """Return (height, width) of an image as the loaders see it (after its EXIF rotation); raise if unreadable.
+
+    Two full decodes, once per data set (the scan is cached): PIL's, because unlike OpenCV it rejects truncated
+    files, and then the loaders' own (OpenCV), whose size is the one labels must fit; the two disagree on some
+    files' orientation (TIFF, orientation stored only in XMP), and some files only PIL can read.
+    """
     with Image.open(path) as image:
-        image.load()  # a full decode: catches truncated and non-image files before training does (once: cached)
-        width, height = ImageOps.exif_transpose(image).size if _has_rotation(image) else image.size
-    return height, width
-
-
-def _has_rotation(image: Image.Image) -> bool:
-    """Return whether the EXIF orientation tag asks for a rotation or flip."""
-    return image.getexif().get(0x0112, 1) != 1
+        image.load()
+    return read_rgb(path).shape[:2]
 
 
 def orphan_labels(images: list[Path]) -> list[Path]:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from tea_lightning.data.labels import DataError, label_path_for, load_split, parse_label_file, read_data_yaml, \
     read_image_size
+from tea_lightning.data.transforms import read_rgb
 from tests.conftest import TEA_SHOOTS, need
 
 
@@ -50,6 +51,7 @@ def test_polygon_rows_become_their_bounding_box(tmp_path):
     ("-1 0.5 0.5 0.2 0.2", "class id -1"),
     ("0.5 0.5 0.5 0.2 0.2", "class id 0.5"),
     ("0 0.5 0.5 0 0.2", "zero-size"),
+    ("0 0.5 0.5 0.00000001 0.2", "zero-size"),  # non-zero, but no width left in float32
 ])
 def test_bad_rows_are_skipped_with_file_and_line(tmp_path, line, expected):
     path = write(tmp_path / "l.txt", f"0 0.5 0.5 0.1 0.1\n{line}\n")
@@ -79,6 +81,8 @@ def test_yaml_paths_are_relative_to_the_yaml_or_to_path(tmp_path):
     ("val: v\nnames: [a]\n", "lacks train"),
     ("train: t\nval: v\nnames: [a]\nnc: 2\n", "nc is 2"),
     ("- just a list\n", "must be a mapping"),
+    ("train: t\nval: v\nnames: bud\n", "names must be a list"),
+    ("train: t\nval: v\nnames: [a]\nnc: one\n", "nc is one"),
 ])
 def test_bad_yaml_names_the_file_and_the_problem(tmp_path, content, expected):
     path = write(tmp_path / "data.yaml", content)
@@ -93,6 +97,43 @@ def test_missing_yaml_and_missing_folder_are_clear_errors(tmp_path):
     spec = read_data_yaml(write(tmp_path / "data.yaml", "train: nowhere\nval: nowhere\nnames: [a]\n"))
     with pytest.raises(DataError, match="nowhere.*does not exist"):
         load_split(spec, "train")
+
+
+def test_a_split_that_is_an_image_file_is_a_clear_error(tmp_path):
+    make_dataset(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
+    spec = read_data_yaml(write(tmp_path / "one.yaml", "train: images/train/a.jpg\nval: images/train\nnames: [a]\n"))
+    with pytest.raises(DataError, match="a.jpg .*is a file but not a .txt list"):
+        load_split(spec, "train")
+
+
+def test_a_linked_images_folder_keeps_its_labels(tmp_path):
+    make_dataset(tmp_path / "photos", {"a": "0 0.5 0.5 0.2 0.2\n"})
+    root = tmp_path / "ds"
+    write(root / "labels" / "train" / "a.txt", "1 0.5 0.5 0.2 0.2\n")
+    (root / "images").symlink_to(tmp_path / "photos" / "images")
+    spec = read_data_yaml(write(root / "data.yaml", "train: images/train\nval: images/train\nnames: [a, b]\n"))
+    (record,) = load_split(spec, "train", tmp_path / "cache").records
+    assert record.boxes[:, 0].tolist() == [1]  # the labels beside the link, not those beside its target
+
+
+def test_images_only_pil_can_read_or_rotate_are_skipped_or_sized_as_loaded(tmp_path):
+    make_dataset(tmp_path, {})
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    rotated = Image.new("RGB", (128, 64), (90, 90, 90))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(folder / "rotated.tif", exif=exif)
+    Image.fromarray(np.full((64, 128), 0.5, np.float32)).save(folder / "float.tif")
+    Image.new("RGB", (96, 64), (90, 90, 90)).save(folder / "plain.tif")
+    for name in ("rotated", "float", "plain"):
+        write(tmp_path / "labels" / "train" / f"{name}.txt", "0 0.5 0.5 0.2 0.2\n")
+    index = load_split(read_data_yaml(tmp_path / "data.yaml"), "train", tmp_path / "cache")
+    skipped = {p.path.name for p in index.problems if "unreadable image" in p.message}
+    assert "plain.tif" not in skipped and {r.image.name for r in index.records} | skipped == {
+        "rotated.tif", "float.tif", "plain.tif"}
+    for record in index.records:  # every image the scan kept loads, with the size its boxes were checked for
+        assert read_rgb(record.image).shape[:2] == (record.height, record.width)
 
 
 def test_split_scan_reports_problems_and_keeps_good_images(tmp_path):
