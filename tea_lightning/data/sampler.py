@@ -11,14 +11,16 @@ from tea_lightning.data.labels import DataError
 
 
 class WholeBatchSampler(DistributedSampler):
-    """Deals the batches of the single-process order to the processes in turn (batch i to rank i % world).
+    """Splits the batches of the single-process order into one consecutive run per process (rank 0 the first).
 
     Lightning's DistributedSampler pads the data set with repeated images so that every rank gets as many, and
     interleaves images across ranks; repeated images count twice in mAP, and different batches mean different
     letterbox padding, so the DDP metric would not equal the one-process metric. Here every image is evaluated
-    once, in the very batch it would have on one process; ranks may get one batch more or less. With fewer batches
-    than processes the images are split as evenly as possible instead, so that no rank is left without data
-    (its metric would otherwise wait forever for the others).
+    once, in the very batch it would have on one process; ranks may get one batch more or less. Consecutive runs
+    keep the single-process order when the metric joins the processes' results in rank order, which matters where
+    detections tie in score (common in half precision): AP ranks tied detections in the order they arrived. With
+    fewer batches than processes the images are split as evenly as possible instead, so that no rank is left
+    without data (its metric would otherwise wait forever for the others).
     """
 
     def __init__(self, dataset, batch_size: int, num_replicas: int, rank: int):
@@ -29,10 +31,10 @@ class WholeBatchSampler(DistributedSampler):
                             "least one): evaluate on fewer devices or with more images.")
         starts = range(0, size, batch_size)
         if len(starts) >= num_replicas:
-            batches = [np.arange(s, min(s + batch_size, size)) for s in starts]
+            first, last = (np.array_split(np.arange(len(starts)), num_replicas)[rank][[0, -1]])
+            self.indices = list(range(starts[first], min(starts[last] + batch_size, size)))
         else:
-            batches = np.array_split(np.arange(size), num_replicas)
-        self.indices = [int(i) for batch in batches[rank::num_replicas] for i in batch]
+            self.indices = [int(i) for i in np.array_split(np.arange(size), num_replicas)[rank]]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric
 
 from tea_lightning.errors import ConfigError, NonFiniteLoss
 from tea_lightning.metrics import DetectionMetrics, plot_curves
@@ -78,6 +80,9 @@ class Detector(pl.LightningModule):
         self.distillation = self._teacher(teacher, distill_weight) if teacher else None
         self.automatic_optimization = False  # YOLOv5's accumulation changes during warmup; see training_step
         self.metrics = DetectionMetrics(nc)
+        # Per-image means of the evaluation losses over all processes' images, weighted as on one process (a plain
+        # sync_dist mean would average the processes' means, which differ in image count).
+        self.eval_losses = nn.ModuleDict({name: MeanMetric() for name in LOSS_NAMES})
         # Lightning's model summary at the start of a fit runs this through the model to print layer shapes and
         # FLOPs (without it the summary says "Total Flops: 0")
         self.example_input_array = torch.zeros(1, 3, img_size, img_size)
@@ -195,11 +200,12 @@ class Detector(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=self.recipe.grad_clip_norm, gradient_clip_algorithm="norm")
 
     # ---- evaluation -------------------------------------------------------------------------------------------
-    def _detect(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Return detections per image in original-image pixels, and the loss items when targets are given."""
+    def _detect(self, batch: dict, with_loss: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Return detections per image in original-image pixels, and with `with_loss` the loss items (also for a
+        batch of background images, as YOLOv5 does; every DDP process must log the same names)."""
         inference, raw = self(batch["images"])
         loss_items = None
-        if len(batch["targets"]):
+        if with_loss:
             loss_items = self.compute_loss([r.float() for r in raw], batch["targets"])[1]
         detections = non_max_suppression(inference, self.hparams.conf_thres, self.hparams.iou_thres,
                                          self.hparams.max_det)
@@ -220,12 +226,13 @@ class Detector(pl.LightningModule):
         return targets
 
     def _evaluation_step(self, batch: dict, stage: str) -> None:
-        detections, loss_items = self._detect(batch)
+        detections, loss_items = self._detect(batch, with_loss=True)
         preds = [{"boxes": d[:, :4], "scores": d[:, 4], "labels": d[:, 5].long()} for d in detections]
         self.metrics.update(preds, self._targets_in_original_pixels(batch))
-        if loss_items is not None:
-            for name, value in zip(LOSS_NAMES, loss_items):
-                self.log(f"{stage}/{name}", value, on_epoch=True, batch_size=len(batch["images"]), sync_dist=True)
+        batch_size = len(batch["images"])
+        for name, value in zip(LOSS_NAMES, loss_items):
+            self.eval_losses[name].update(value, weight=batch_size)
+            self.log(f"{stage}/{name}", self.eval_losses[name], on_step=False, on_epoch=True, batch_size=batch_size)
 
     def _evaluation_epoch_end(self, stage: str) -> None:
         results = self.metrics.compute()
@@ -275,7 +282,7 @@ class Detector(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Return per image its path, original size and detections [x1, y1, x2, y2, conf, class] in pixels."""
-        detections, _ = self._detect({**batch, "targets": batch["targets"][:0]})
+        detections, _ = self._detect(batch, with_loss=False)
         return [{"path": path, "original_shape": tuple(int(v) for v in shape), "detections": det.cpu()}
                 for path, shape, det in zip(batch["paths"], batch["original_shapes"], detections)]
 

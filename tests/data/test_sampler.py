@@ -10,12 +10,11 @@ from tea_lightning.data.sampler import WholeBatchSampler
 def test_every_image_once_in_its_single_process_batch(size, batch, world):
     data = list(range(size))
     ranks = [list(WholeBatchSampler(data, batch, world, rank)) for rank in range(world)]
-    assert sorted(i for r in ranks for i in r) == data  # no repeats, none missing
+    # joined in rank order (as the metric gathers them) they are the single-process order: none repeated or missing
+    assert [i for r in ranks for i in r] == data
     assert all(ranks)  # no rank without images
-    if size >= batch * world:
-        single = [data[s:s + batch] for s in range(0, size, batch)]
-        for rank, indices in enumerate(ranks):
-            assert [indices[s:s + batch] for s in range(0, len(indices), batch)] == single[rank::world]
+    if size >= batch * world:  # whole single-process batches on every rank
+        assert all(r[0] % batch == 0 for r in ranks) and all(len(r) % batch == 0 for r in ranks[:-1])
 
 
 def test_fewer_images_than_processes_is_a_clear_error():
