@@ -69,6 +69,12 @@ def test_validate_with_official_weights_and_no_training(synthetic_yaml, tmp_path
         "PR_curve.png", "P_curve.png", "R_curve.png", "F1_curve.png"}
 
 
+def test_fit_bounded_only_by_steps_asks_for_epochs(synthetic_yaml, tmp_path):
+    with pytest.raises(ValueError, match="--trainer.max_epochs must be set for fit"):
+        cli_main(["fit", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.max_steps", "4",
+                  "--trainer.default_root_dir", str(tmp_path)])
+
+
 def test_unknown_model_yaml_names_the_option(synthetic_yaml, tmp_path):
     with pytest.raises(ValueError, match="--model.model_cfg yolov5q.yaml.*yolov5n.yaml"):
         cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.model_cfg", "yolov5q.yaml",

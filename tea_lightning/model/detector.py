@@ -141,6 +141,14 @@ class Detector(pl.LightningModule):
         return {"model/params": count_parameters(self.model),
                 "model/GFLOPs": gflops(self.model, self.hparams.img_size)}
 
+    def setup(self, stage: str) -> None:
+        # Lightning sets max_epochs to -1 when only --trainer.max_steps or max_time bound the run; YOLOv5's warmup
+        # and LR decay are laid out over the epochs, and would run backwards.
+        if stage == "fit" and self.trainer.max_epochs < 0:
+            raise ConfigError("--trainer.max_epochs must be set for fit (YOLOv5's learning-rate schedule runs over "
+                              f"a fixed number of epochs), got {self.trainer.max_epochs}; --trainer.max_steps and "
+                              "--trainer.max_time may still stop the run earlier.")
+
     def on_fit_start(self) -> None:
         summary = self.model_summary()
         rank_zero_info(f"{Path(self.hparams.model_cfg).stem}: {summary['model/params']:,} parameters, "

@@ -9,7 +9,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from tea_lightning.errors import ConfigError
 from tea_lightning.model.complexity import macs_to_gflops
 from tea_lightning.model.recipe import ExponentialMovingAverage
-from tea_lightning.pruning.pruner import Importance, SparsityRegularizer, output_channels, prune, ratio_for_macs
+from tea_lightning.pruning.pruner import Importance, SparsityRegularizer, ignored_layers, make_importance, \
+    output_channels, prune, ratio_for_macs
 
 
 class ChannelPruning(pl.Callback):
@@ -51,6 +52,14 @@ class ChannelPruning(pl.Callback):
             raise ConfigError(f"--trainer.callbacks.schedule must list increasing epochs >= 0, got {list(schedule)}.")
         if sparsity < 0:
             raise ConfigError(f"--trainer.callbacks.sparsity must be >= 0, got {sparsity}.")
+        # checked here, not at the first pruning step, which may come after hours of training
+        if not 0 < max_layer_ratio < 1:
+            raise ConfigError("--trainer.callbacks.max_layer_ratio must be between 0 and 1 (exclusive), got "
+                              f"{max_layer_ratio}.")
+        if round_to is not None and round_to < 1:
+            raise ConfigError(f"--trainer.callbacks.round_to must be a positive number of channels or null, got "
+                              f"{round_to}.")
+        make_importance(importance)
         self.pruning_ratio, self.macs_reduction, self.sparsity = pruning_ratio, macs_reduction, sparsity
         self.schedule = list(schedule)
         self.prune_options = {"importance": importance, "global_pruning": global_pruning, "round_to": round_to,
@@ -72,7 +81,11 @@ class ChannelPruning(pl.Callback):
         self.original_channels = state_dict.get("original_channels")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.max_epochs is not None and self.schedule[-1] >= trainer.max_epochs:
+        try:
+            ignored_layers(pl_module.model, self.prune_options["ignored_names"])
+        except ConfigError as err:
+            raise ConfigError(f"--trainer.callbacks.ignored_layers: {err}") from None
+        if stage == "fit" and 0 <= trainer.max_epochs <= self.schedule[-1]:  # -1: the module refuses it
             raise ConfigError(f"--trainer.callbacks.schedule has epoch {self.schedule[-1]} but training stops after "
                              f"epoch {trainer.max_epochs - 1} (--trainer.max_epochs {trainer.max_epochs}); "
                              "schedule the last pruning step earlier or train longer.")

@@ -181,10 +181,15 @@ def test_sparsity_penalty_acts_on_every_step_before_the_last_pruning_step_only(s
 @pytest.mark.parametrize("option, value, expected", [
     ("pruning_ratio", "0", "between 0 and 1"), ("pruning_ratio", "1.0", "between 0 and 1"),
     ("schedule", "[5]", "schedule has epoch 5"), ("sparsity", "-0.1", "sparsity must be >= 0"),
+    ("max_layer_ratio", "1.5", "max_layer_ratio must be between 0 and 1"),
+    ("round_to", "0", "round_to must be a positive number"),
+    ("ignored_layers", "[model.99]", "ignored_layers: ignored layer 'model.99' is not a module"),
 ])
-def test_bad_pruning_options_are_clear_errors(synthetic_yaml, tmp_path, option, value, expected):
-    with pytest.raises(ValueError, match=expected):
-        fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "2", *PRUNE, f"--trainer.callbacks.{option}", value)
+def test_bad_pruning_options_are_clear_errors_before_any_training(synthetic_yaml, tmp_path, option, value, expected):
+    with pytest.raises(ValueError, match=expected):  # the last pruning step is at epoch 1: errors come before it
+        fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "2", *PRUNE, "--trainer.callbacks.schedule", "[1]",
+            f"--trainer.callbacks.{option}", value)
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_ddp_two_processes_prune_identically_step_together_and_checkpoint_once(synthetic_yaml, tmp_path):
