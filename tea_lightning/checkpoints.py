@@ -49,12 +49,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.chmod(temporary, 0o666 & ~_UMASK)  # temporary files are private (0600); checkpoints are not
             os.replace(temporary, path)
-        except OSError as err:
+        except BaseException as err:
             if temporary is not None:
                 temporary.unlink(missing_ok=True)
+            # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError raised while handling
+            # the OSError
+            os_error = err if isinstance(err, OSError) else err.__context__
+            if not isinstance(os_error, OSError):
+                raise
             raise CheckpointWriteError(
-                f"could not write checkpoint {path}: {err.strerror or err}. Checkpoints written before it in "
-                f"{path.parent} are intact. Free disk space or give a writable --trainer.default_root_dir, then "
+                f"could not write checkpoint {path}: {os_error.strerror or os_error}. Checkpoints written before it "
+                f"in {path.parent} are intact. Free disk space or give a writable --trainer.default_root_dir, then "
                 "resume with --ckpt_path and the newest checkpoint there.") from err
 
 

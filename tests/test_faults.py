@@ -323,11 +323,23 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_earlier_one(synthetic_ya
 
     real_save = checkpoints.torch.save
 
+    class DiskFullAfter:
+        """The checkpoint file on a disk that fills up after `room` bytes."""
+
+        def __init__(self, f, room: int):
+            self.f, self.room = f, room
+
+        def write(self, data) -> int:
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
     def save_until_disk_full(checkpoint, f):
-        if checkpoint["epoch"] >= 1:
-            f.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(checkpoint, f)
+        real_save(checkpoint, DiskFullAfter(f, 100_000) if checkpoint["epoch"] >= 1 else f)
 
     monkeypatch.setattr(checkpoints.torch, "save", save_until_disk_full)
     folder = tmp_path / "version_0" / "checkpoints"
