@@ -81,6 +81,15 @@ def test_unknown_model_yaml_names_the_option(synthetic_yaml, tmp_path):
                   "--trainer.default_root_dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("kind, expected", [("missing", "does not exist"),
+                                             ("yolov5", "is not a checkpoint written by tea-lightning fit")])
+def test_export_of_what_is_not_our_checkpoint_is_a_clear_error(tmp_path, kind, expected):
+    checkpoint = need(YOLOV5N) if kind == "yolov5" else tmp_path / "nope.ckpt"
+    with pytest.raises(SystemExit, match=f"error: checkpoint {checkpoint} {expected}"):
+        main(["export-pt", str(checkpoint), str(tmp_path / "out.pt")])
+    assert not (tmp_path / "out.pt").exists()
+
+
 def test_demo_data_command_writes_a_data_set(tmp_path, capsys):
     main(["demo-data", str(tmp_path / "d"), "--n-train", "4", "--n-val", "2"])
     assert (tmp_path / "d" / "data.yaml").is_file()

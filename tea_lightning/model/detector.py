@@ -18,8 +18,9 @@ from tea_lightning.model.distillation import OutputDistillation
 from tea_lightning.model.postprocess import non_max_suppression, unletterbox_boxes
 from tea_lightning.model.recipe import ExponentialMovingAverage, Recipe, apply_schedule, build_optimizer, \
     warmup_iterations
-from tea_lightning.model.weights import build_model, read_model, read_weights, transfer_weights
-from tea_lightning.pruning.structure import resize_to_state_dict
+from tea_lightning.model.weights import build_model, check_tea_checkpoint, read_model, read_weights, \
+    transfer_weights
+from tea_lightning.pruning.structure import StructureMismatch, resize_to_state_dict
 from tea_lightning.rundir import run_dir
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Detector(pl.LightningModule):
             state, ours = read_weights(weights)
             if ours:  # our own checkpoint, pruned or not: take its architecture, then every tensor must fit
                 resize_to_state_dict(self.model, state)
+            else:
+                self._take_pruned_architecture(state, weights)
             transferred, total = transfer_weights(self.model, state)
             rank_zero_info(f"Transferred {transferred}/{total} tensors from {weights}"
                            + ("" if transferred == total else " (the rest, e.g. a head for other classes, "
@@ -93,7 +96,19 @@ class Detector(pl.LightningModule):
     def from_checkpoint(cls, path: str | Path) -> Detector:
         """Return a checkpoint's model (pruned or not) on the CPU, for inference or export. Every tensor comes from
         the checkpoint: the files it was trained from (`weights`, `teacher`) need not exist any more."""
+        check_tea_checkpoint(path, "checkpoint")
         return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, weights=None, teacher=None)
+
+    def _take_pruned_architecture(self, state: dict[str, torch.Tensor], weights: str) -> None:
+        """Narrow the model to a YOLOv5 .pt's layers where it is a pruned copy of it (export-pt of a pruned
+        checkpoint, or a model pruned by torch-pruning's YOLOv5 example)."""
+        try:
+            narrowed = resize_to_state_dict(self.model, state)
+        except StructureMismatch:
+            return  # not a pruned copy (e.g. the official COCO weights, with a head for 80 classes): transfer below
+        if narrowed:
+            rank_zero_info(f"{weights} is a pruned {Path(self.hparams.model_cfg).stem}: {narrowed} of its layers are "
+                           "narrower than the yaml's, and the model takes their sizes")
 
     def _attach_loss_hyperparameters(self) -> None:
         head = self.model.model[-1]

@@ -38,8 +38,9 @@ def yolov5_package_dir() -> Path:
     return Path(yolov5.__file__).parent
 
 
-def resolve_model_yaml(name: str) -> Path:
-    """Return the path of a model yaml: an existing file, or one of the yolov5 package's (yolov5n.yaml, ...)."""
+def resolve_model_yaml(name: str, option: str = "--model.model_cfg") -> Path:
+    """Return the path of a model yaml: an existing file, or one of the yolov5 package's (yolov5n.yaml, ...);
+    `option` is where the name came from, for the error."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
@@ -47,7 +48,7 @@ def resolve_model_yaml(name: str) -> Path:
     if packaged.is_file():
         return packaged
     available = sorted(p.name for p in (yolov5_package_dir() / "models").glob("yolov5*.yaml"))
-    raise ModelConfigError(f"--model.model_cfg {name}: no such file, nor a yolov5 model yaml. "
+    raise ModelConfigError(f"{option} {name}: no such file, nor a yolov5 model yaml. "
                            f"Give a path to a YOLOv5 model yaml or one of: {', '.join(available)}.")
 
 
@@ -63,12 +64,12 @@ def _quiet_yolov5():
         logger.setLevel(level)
 
 
-def build_model(model_cfg: str, nc: int) -> nn.Module:
+def build_model(model_cfg: str, nc: int, option: str = "--model.model_cfg") -> nn.Module:
     """Return a freshly initialised `yolov5.models.yolo.Model` with `nc` classes."""
     from yolov5.models.yolo import Model
 
     with _quiet_yolov5():
-        return Model(str(resolve_model_yaml(model_cfg)), ch=3, nc=nc)
+        return Model(str(resolve_model_yaml(model_cfg, option)), ch=3, nc=nc)
 
 
 def _load(path: str | Path, option: str):
@@ -97,6 +98,20 @@ def _is_lightning_checkpoint(checkpoint) -> bool:
     return isinstance(checkpoint, dict) and "state_dict" in checkpoint
 
 
+def _tea_hyperparameters(checkpoint, path: str | Path, option: str) -> dict:
+    """Return a tea-lightning checkpoint's hyperparameters, or raise if `checkpoint` is not one."""
+    hparams = checkpoint.get("hyper_parameters", {}) if _is_lightning_checkpoint(checkpoint) else {}
+    if "model_cfg" not in hparams or "nc" not in hparams:
+        raise ModelConfigError(f"{option} {path} is not a checkpoint written by tea-lightning fit (a Lightning .ckpt "
+                               "with tea-lightning's model_cfg and nc hyperparameters).")
+    return hparams
+
+
+def check_tea_checkpoint(path: str | Path, option: str) -> None:
+    """Raise an error that names the file and the option unless `path` is a tea-lightning .ckpt."""
+    _tea_hyperparameters(_load(path, option), path, option)
+
+
 def _model_weights(checkpoint) -> dict[str, torch.Tensor]:
     """Return the YOLOv5 model's float32 tensors from one of our Lightning checkpoints (its EMA weights)."""
     prefix = "model."
@@ -123,11 +138,8 @@ def read_model(path: str | Path, option: str) -> nn.Module:
     checkpoint = _load(path, option)
     if not _is_lightning_checkpoint(checkpoint):
         return _pickled_model(checkpoint, path, option).float()
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "model_cfg" not in hparams or "nc" not in hparams:
-        raise ModelConfigError(f"{option} {path} is a Lightning checkpoint without tea-lightning's model_cfg and nc "
-                               "hyperparameters: give a checkpoint written by tea-lightning fit.")
-    model = build_model(hparams["model_cfg"], hparams["nc"])
+    hparams = _tea_hyperparameters(checkpoint, path, option)
+    model = build_model(hparams["model_cfg"], hparams["nc"], f"the model yaml {option} {path} was trained with,")
     state = _model_weights(checkpoint)
     resize_to_state_dict(model, state)
     model.load_state_dict(state)

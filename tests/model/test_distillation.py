@@ -53,6 +53,15 @@ def test_teacher_with_another_head_is_a_clear_error():
         Detector(nc=2, teacher=str(need(YOLOV5N)))
 
 
+def test_teacher_whose_model_yaml_is_gone_names_the_teacher(teacher_checkpoint, tmp_path):
+    checkpoint = torch.load(teacher_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["model_cfg"] = "/nowhere/custom_yolov5n.yaml"
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    with pytest.raises(ValueError, match=f"yaml --model.teacher {tmp_path / 'moved.ckpt'} was trained with, "
+                                         "/nowhere/custom_yolov5n.yaml: no such file"):
+        read_model(tmp_path / "moved.ckpt", "--model.teacher")
+
+
 def test_fit_with_a_teacher_logs_its_loss_and_checkpoints_only_the_student(teacher_checkpoint, synthetic_yaml,
                                                                              tmp_path):
     teacher = shutil.copy(teacher_checkpoint, tmp_path / "teacher.ckpt")
@@ -74,5 +83,9 @@ def test_fit_with_a_teacher_logs_its_loss_and_checkpoints_only_the_student(teach
     main(["export-pt", str(run / "checkpoints" / "best.ckpt"), str(tmp_path / "best.pt")])
     assert set(torch.load(tmp_path / "best.pt", weights_only=False)["model"].state_dict()) == \
         set(cli.model.model.state_dict())
+    # the exported pruned .pt as --model.weights: the pruned model again, not the yaml's with few tensors in it
+    exported = Detector(nc=cli.model.hparams.nc, weights=str(tmp_path / "best.pt")).model.state_dict()
+    for key, tensor in check.model.model.state_dict().items():  # best.ckpt's
+        torch.testing.assert_close(exported[key].float(), tensor.float(), rtol=1e-3, atol=1e-3)  # .pt files hold fp16
     assert check.trainer.callback_metrics["val/fitness"].item() == pytest.approx(
         float(cli.trainer.checkpoint_callback.best_model_score), abs=1e-6)
