@@ -61,6 +61,21 @@ def test_predict_writes_boxes_and_yolo_labels(trained, synthetic_yaml, tmp_path)
     assert lines and all(len(v) == 5 and 0 <= float(v[1]) <= 1 for v in lines)
 
 
+def test_predict_keeps_subfolders_so_same_named_images_do_not_collide(trained, synthetic_yaml, tmp_path):
+    _, run = trained
+    source = tmp_path / "field"
+    first, second = sorted((synthetic_yaml.parent / "images" / "val").glob("*.jpg"))[:2]
+    for camera, image in (("cam1", first), ("cam2", second)):
+        (source / camera).mkdir(parents=True)
+        (source / camera / "0001.jpg").write_bytes(image.read_bytes())
+    cli_main(["predict", *FAST, "--data.data_yaml", str(synthetic_yaml), "--data.predict_source", str(source),
+              "--trainer.default_root_dir", str(tmp_path / "out"), "--ckpt_path", str(run / "checkpoints" /
+                                                                                   "best.ckpt")])
+    (out,) = (tmp_path / "out").glob("version_*/predictions")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.*")) == [
+        "images/cam1/0001.jpg", "images/cam2/0001.jpg", "labels/cam1/0001.txt", "labels/cam2/0001.txt"]
+
+
 def test_validate_with_official_weights_and_no_training(synthetic_yaml, tmp_path):
     cli = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
                     str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path), "--model.plots", "true"])

@@ -19,7 +19,9 @@ PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 
 
 class DetectionWriter(BasePredictionWriter):
     """Saves `<output_dir>/images/<name>.jpg` with boxes and `<output_dir>/labels/<name>.txt` (`cls cx cy w h`,
-    normalised, plus the confidence with `save_conf`) for detections at or above `conf_thres`."""
+    normalised, plus the confidence with `save_conf`) for detections at or above `conf_thres`. Images in
+    subfolders of `--data.predict_source` keep their subfolders, so that same-named images of different
+    folders (cameras, days) do not overwrite each other's outputs."""
 
     def __init__(self, output_dir: str | None = None, conf_thres: float = 0.25, save_conf: bool = False):
         super().__init__(write_interval="batch")
@@ -31,16 +33,19 @@ class DetectionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
         root = self._root(trainer)
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        (root / "labels").mkdir(parents=True, exist_ok=True)
+        source = getattr(trainer.datamodule, "predict_source", None)
         names = getattr(pl_module, "names", None)
         for item in prediction:
             det = item["detections"].numpy()
             det = det[det[:, 4] >= self.conf_thres]
             path = Path(item["path"])
             height, width = item["original_shape"]
-            (root / "labels" / f"{path.stem}.txt").write_text(self._label_lines(det, width, height))
-            cv2.imwrite(str(root / "images" / f"{path.stem}.jpg"), self._draw(path, det, names))
+            name = path.relative_to(source) if source and Path(source).is_dir() else Path(path.name)
+            label, image = root / "labels" / name.with_suffix(".txt"), root / "images" / name.with_suffix(".jpg")
+            for folder in (label.parent, image.parent):
+                folder.mkdir(parents=True, exist_ok=True)
+            label.write_text(self._label_lines(det, width, height))
+            cv2.imwrite(str(image), self._draw(path, det, names))
 
     def on_predict_end(self, trainer, pl_module) -> None:
         rank_zero_info(f"Predictions written to {self._root(trainer)}")
