@@ -84,6 +84,13 @@ def test_validate_with_official_weights_and_no_training(synthetic_yaml, tmp_path
         "PR_curve.png", "P_curve.png", "R_curve.png", "F1_curve.png"}
 
 
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_true_half_precision_is_refused_with_the_alternatives(synthetic_yaml, tmp_path, command):
+    with pytest.raises(ValueError, match="--trainer.precision bf16-true is not supported.*use 16-mixed or bf16-mixed"):
+        cli_main([command, *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.precision", "bf16-true",
+                  "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path)])
+
+
 def test_fit_bounded_only_by_steps_asks_for_epochs(synthetic_yaml, tmp_path):
     with pytest.raises(ValueError, match="--trainer.max_epochs must be set for fit"):
         cli_main(["fit", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.max_steps", "4",

@@ -157,6 +157,10 @@ class Detector(pl.LightningModule):
                 "model/GFLOPs": gflops(self.model, self.hparams.img_size)}
 
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.endswith("-true") and precision != "32-true":
+            raise ConfigError(f"--trainer.precision {precision} is not supported: YOLOv5's model and loss are built "
+                              "for float32 weights; use 16-mixed or bf16-mixed for speed, or 32-true.")
         # Lightning sets max_epochs to -1 when only --trainer.max_steps or max_time bound the run; YOLOv5's warmup
         # and LR decay are laid out over the epochs, and would run backwards.
         if stage == "fit" and self.trainer.max_epochs < 0:
