@@ -31,7 +31,7 @@ class WholeBatchSampler(DistributedSampler):
                             "least one): evaluate on fewer devices or with more images.")
         starts = range(0, size, batch_size)
         if len(starts) >= num_replicas:
-            first, last = (np.array_split(np.arange(len(starts)), num_replicas)[rank][[0, -1]])
+            first, last = np.array_split(np.arange(len(starts)), num_replicas)[rank][[0, -1]]
             self.indices = list(range(starts[first], min(starts[last] + batch_size, size)))
         else:
             self.indices = [int(i) for i in np.array_split(np.arange(size), num_replicas)[rank]]
