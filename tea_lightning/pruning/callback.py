@@ -117,8 +117,14 @@ class ChannelPruning(pl.Callback):
         self._prune_once_for_evaluation(trainer, pl_module)
 
     def _prune_once_for_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn in ("validate", "test") and self.steps_done == 0:
+        if trainer.state.fn not in ("validate", "test"):
+            return
+        if self.steps_done == 0:
             self._step(trainer, pl_module, share=1.0, steps=1)
+        else:  # the checkpoint's callback state: pruning again would cut a pruned model further
+            rank_zero_info(f"Not pruning: the checkpoint was pruned while training ({self.steps_done} step(s) done), "
+                           "so it is evaluated as it is; to prune with other settings, start from an unpruned "
+                           "checkpoint (--model.weights).")
 
     # ---- one pruning step --------------------------------------------------------------------------------------
     def _example(self, pl_module: pl.LightningModule) -> torch.Tensor:

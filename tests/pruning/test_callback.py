@@ -2,6 +2,7 @@
 resume after a step, evaluation-only pruning, bf16 and DDP."""
 
 import csv
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,17 @@ def test_pruned_checkpoint_validates_to_the_same_metrics(pruned_run, synthetic_y
                       str(run / "checkpoints" / "best.ckpt"), "--trainer.default_root_dir", str(tmp_path)])
     assert check.trainer.callback_metrics["val/fitness"].item() == pytest.approx(saved, abs=1e-6)
     assert count_parameters(check.model.model) == count_parameters(cli.model.model)
+
+
+def test_validating_a_pruned_checkpoint_with_the_callback_says_it_does_not_prune_again(pruned_run, synthetic_yaml,
+                                                                                       tmp_path, caplog):
+    cli, run, _ = pruned_run
+    caplog.set_level(logging.INFO)
+    check = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--ckpt_path",
+                      str(run / "checkpoints" / "best.ckpt"), "--trainer.default_root_dir", str(tmp_path), *PRUNE,
+                      "--trainer.callbacks.pruning_ratio", "0.5"])
+    assert count_parameters(check.model.model) == count_parameters(cli.model.model)
+    assert "Not pruning: the checkpoint was pruned while training (1 step(s) done)" in caplog.text
 
 
 def test_resume_after_a_pruning_step_does_not_prune_again(pruned_run, synthetic_yaml, tmp_path):
