@@ -34,16 +34,17 @@ class DetectionWriter(BasePredictionWriter):
                            dataloader_idx=0) -> None:
         root = self._root(trainer)
         source = getattr(trainer.datamodule, "predict_source", None)
+        folder = Path(source) if source and Path(source).is_dir() else None
         names = getattr(pl_module, "names", None)
         for item in prediction:
             det = item["detections"].numpy()
             det = det[det[:, 4] >= self.conf_thres]
             path = Path(item["path"])
             height, width = item["original_shape"]
-            name = path.relative_to(source) if source and Path(source).is_dir() else Path(path.name)
+            name = path.relative_to(folder) if folder else Path(path.name)
             label, image = root / "labels" / name.with_suffix(".txt"), root / "images" / name.with_suffix(".jpg")
-            for folder in (label.parent, image.parent):
-                folder.mkdir(parents=True, exist_ok=True)
+            for output in (label.parent, image.parent):
+                output.mkdir(parents=True, exist_ok=True)
             label.write_text(self._label_lines(det, width, height))
             cv2.imwrite(str(image), self._draw(path, det, names))
 

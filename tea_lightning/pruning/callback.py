@@ -9,8 +9,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from tea_lightning.errors import ConfigError
 from tea_lightning.model.complexity import macs_to_gflops
 from tea_lightning.model.recipe import ExponentialMovingAverage
-from tea_lightning.pruning.pruner import Importance, SparsityRegularizer, ignored_layers, make_importance, \
-    output_channels, prune, ratio_for_macs
+from tea_lightning.pruning.pruner import Importance, SparsityRegularizer, check_options, ignored_layers, \
+    make_importance, output_channels, prune, ratio_for_macs
 
 
 class ChannelPruning(pl.Callback):
@@ -53,12 +53,7 @@ class ChannelPruning(pl.Callback):
         if sparsity < 0:
             raise ConfigError(f"--trainer.callbacks.sparsity must be >= 0, got {sparsity}.")
         # checked here, not at the first pruning step, which may come after hours of training
-        if not 0 < max_layer_ratio < 1:
-            raise ConfigError("--trainer.callbacks.max_layer_ratio must be between 0 and 1 (exclusive), got "
-                              f"{max_layer_ratio}.")
-        if round_to is not None and round_to < 1:
-            raise ConfigError(f"--trainer.callbacks.round_to must be a positive number of channels or null, got "
-                              f"{round_to}.")
+        check_options(round_to, max_layer_ratio, prefix="--trainer.callbacks.")
         make_importance(importance)
         self.pruning_ratio, self.macs_reduction, self.sparsity = pruning_ratio, macs_reduction, sparsity
         self.schedule = list(schedule)

@@ -46,6 +46,15 @@ def make_importance(name: str) -> tp.importance.Importance:
     return _IMPORTANCES[name]()
 
 
+def check_options(round_to: int | None, max_layer_ratio: float, prefix: str = "") -> None:
+    """Raise ConfigError for an impossible `round_to` or `max_layer_ratio`; `prefix` goes before the option names
+    (the callback's "--trainer.callbacks.")."""
+    if not 0 < max_layer_ratio < 1:
+        raise ConfigError(f"{prefix}max_layer_ratio must be between 0 and 1 (exclusive), got {max_layer_ratio}.")
+    if round_to is not None and round_to < 1:
+        raise ConfigError(f"{prefix}round_to must be a positive number of channels or None, got {round_to}.")
+
+
 def ignored_layers(model: nn.Module, names: Sequence[str] = ()) -> list[nn.Module]:
     """Return the modules whose output channels are kept: the Detect head's output convolutions and `names`.
 
@@ -181,10 +190,7 @@ def _prune_once(model: nn.Module, example_inputs: Tensor, ratio: float, importan
                 max_layer_ratio: float = 0.9, seed: int = 0,
                 original_channels: Mapping[str, int] | None = None) -> None:
     _check_ratio(ratio)
-    if not 0 < max_layer_ratio < 1:
-        raise ConfigError(f"max_layer_ratio must be between 0 and 1 (exclusive), got {max_layer_ratio}.")
-    if round_to is not None and round_to < 1:
-        raise ConfigError(f"round_to must be a positive number of channels or None, got {round_to}.")
+    check_options(round_to, max_layer_ratio)
     criterion = make_importance(importance)
     if importance == "taylor" and all(p.grad is None for p in model.parameters()):
         raise ConfigError("importance='taylor' needs gradients: run a forward and backward pass on a training batch "
