@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 LOSS_NAMES = ("box_loss", "obj_loss", "cls_loss")
 
 
-def _as_float(images: torch.Tensor) -> torch.Tensor:
-    """Return images as floats in [0, 1] (the data module delivers uint8)."""
-    return images.float() / 255 if images.dtype == torch.uint8 else images
-
-
 def fitness(map50: float, map50_95: float) -> float:
     """Return YOLOv5's model-selection score: 0.1 mAP50 + 0.9 mAP50-95."""
     return 0.1 * map50 + 0.9 * map50_95
@@ -55,13 +50,16 @@ class Detector(pl.LightningModule):
         teacher: a checkpoint (.ckpt of ours or YOLOv5 .pt, with the same classes and anchors) to distil from while
             training, e.g. the unpruned model when fine-tuning its pruned copy; only used by `fit`.
         distill_weight: weight of the distillation loss against YOLOv5's loss (with `teacher`).
+        channels_last: keep the weights and images in the channels-last (NHWC) memory layout, which the fast
+            convolution kernels of CPUs (oneDNN) and of GPU tensor cores under mixed precision work in; False keeps
+            PyTorch's default NCHW (results equal to rounding).
     """
 
     def __init__(self, model_cfg: str = "yolov5n.yaml", nc: int = 80, names: list[str] | None = None,
                  weights: str | None = None, img_size: int = 640, batch_size: int = 16,
                  recipe: Recipe = Recipe(), ema: bool = True, conf_thres: float = 0.001,
                  iou_thres: float = 0.6, max_det: int = 300, plots: bool = True, teacher: str | None = None,
-                 distill_weight: float = 1.0):
+                 distill_weight: float = 1.0, channels_last: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.recipe = recipe
@@ -91,6 +89,7 @@ class Detector(pl.LightningModule):
         self.example_input_array = torch.zeros(1, 3, img_size, img_size)
         self.last_optimizer_step = -1
         self.plot_paths: list[Path] = []
+        self.apply_memory_format()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> Detector:
@@ -128,6 +127,17 @@ class Detector(pl.LightningModule):
         rank_zero_info(f"Distilling from {path} ({count_parameters(teacher):,} parameters), weight {weight}")
         return OutputDistillation(teacher, weight)
 
+    def apply_memory_format(self) -> None:
+        """Put the model's weights in the chosen memory layout; called again wherever layers are rebuilt (pruning,
+        loading a pruned checkpoint), since new tensors come in the default layout."""
+        if not self.hparams.channels_last:
+            return
+        # the layers (model.model), not the DetectionModel: its _apply also converts the Detect head's cached 5-D
+        # grids, which channels_last refuses
+        self.model.model.to(memory_format=torch.channels_last)
+        if self.distillation is not None:
+            self.distillation.teacher.model.to(memory_format=torch.channels_last)
+
     @property
     def compute_loss(self):
         """Return YOLOv5's ComputeLoss for the model as it is now (rebuilt after the model changes device)."""
@@ -149,7 +159,13 @@ class Detector(pl.LightningModule):
 
     def forward(self, images: torch.Tensor):
         """Return the model's raw output for uint8 or float images in [0, 1]."""
-        return self.model(_as_float(images))
+        return self.model(self._model_input(images))
+
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Return images as floats in [0, 1] in the model's memory layout (converted while still uint8: cheaper)."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images.float() / 255 if images.dtype == torch.uint8 else images  # the data module delivers uint8
 
     def model_summary(self) -> dict:
         """Return the parameter count and GFLOPs at the training image size."""
@@ -184,7 +200,7 @@ class Detector(pl.LightningModule):
         accumulate = apply_schedule(optimizer.optimizer, self.recipe, iteration, self.current_epoch,
                                     self.trainer.max_epochs, warmup_iterations(batches, self.recipe),
                                     self.hparams.batch_size, self.trainer.world_size)
-        images = _as_float(batch["images"])
+        images = self._model_input(batch["images"])  # the distillation teacher sees the same tensor
         outputs = self(images)
         loss, items = self.compute_loss(outputs, batch["targets"])
         batch_size = len(images)
@@ -321,4 +337,5 @@ class Detector(pl.LightningModule):
         # A pruned checkpoint's tensors are smaller than the yaml's: take their architecture before Lightning
         # loads them, so that every pruned checkpoint reloads with no option beyond --ckpt_path.
         resize_to_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
+        self.apply_memory_format()
         self.last_optimizer_step = checkpoint.get("last_optimizer_step", -1)

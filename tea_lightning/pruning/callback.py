@@ -147,6 +147,7 @@ class ChannelPruning(pl.Callback):
             result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options,
                            original_channels=self.original_channels if steps > 1 else None)
         pl_module.model.zero_grad(set_to_none=True)
+        pl_module.apply_memory_format()  # the pruned layers' new tensors come in the default layout
         self.steps_done += 1
         self._regularizer = None  # its dependency graph holds the modules as they were
         # prune() counted MACs on an img_size input, as the model's GFLOPs figure does: no second trace needed

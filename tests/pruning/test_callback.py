@@ -13,12 +13,14 @@ import yaml
 
 from tea_lightning.cli import cli_main
 from tea_lightning.model.complexity import count_parameters
+from tea_lightning.model.detector import Detector
 from tea_lightning.model.recipe import ExponentialMovingAverage
 from tea_lightning.model.weights import build_model
 from tea_lightning.pruning.callback import ChannelPruning
 from tea_lightning.pruning.pruner import SparsityRegularizer, output_channels
 from tests.conftest import YOLOV5N, need
 from tests.conftest import FAST
+from tests.model.test_memory_format import convolutions_are_channels_last
 
 PRUNE = ["--trainer.callbacks+=tea_lightning.ChannelPruning", "--trainer.callbacks.pruning_ratio", "0.3"]
 
@@ -68,6 +70,12 @@ def test_optimizer_and_ema_hold_exactly_the_new_parameters(pruned_run):
     averaged = ema._average_model.module.model.state_dict()
     assert {k: v.shape for k, v in averaged.items()} == {k: v.shape for k, v in cli.model.model.state_dict().items()}
     assert optimizer.param_groups[1]["lr"] > 0
+
+
+def test_pruned_layers_keep_the_channels_last_layout_in_training_and_when_reloaded(pruned_run):
+    cli, run, _ = pruned_run
+    assert convolutions_are_channels_last(cli.model.model)
+    assert convolutions_are_channels_last(Detector.from_checkpoint(run / "checkpoints" / "last.ckpt").model)
 
 
 def test_pruned_checkpoint_validates_to_the_same_metrics(pruned_run, synthetic_yaml, tmp_path):
