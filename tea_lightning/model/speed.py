@@ -14,8 +14,9 @@ class TrainingSpeed(Callback):
     its own).
 
     `train/data_wait_share` is the share of the training time the loop spent between one batch's end and the next
-    one's start, i.e. waiting for the loader (and the copy to the device): near 0 when the model is the bottleneck, large when more loader workers
-    (or a faster input pipeline) would speed training up and a faster model or precision would not.
+    one's start, i.e. waiting for the loader (and the copy to the device): near 0 when the model is the bottleneck;
+    large when more loader workers (or a faster input pipeline) would speed training up and a faster model or
+    precision would not.
     """
 
     def __init__(self) -> None:
