@@ -58,7 +58,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
 
 from tea_lightning.cli import cli_main  # noqa: E402
 from tea_lightning.model import speed  # noqa: E402
-from tea_lightning.model.weights import build_model  # noqa: E402
+from tea_lightning.model.detector import Detector  # noqa: E402
 
 # Wait for the GPU at the end of every training batch, so that a batch's kernels are clocked with it and not with
 # the wait for the next batch: train/data_wait_share then separates the loader from the model step.
@@ -74,13 +74,13 @@ speed.TrainingSpeed.on_train_batch_end = _synchronised_batch_end
 
 
 def synthetic_step_bench(precision: str, batch: int, iters: int = 20) -> tuple[float, float]:
-    """Images/s and peak GiB of the bare YOLOv5s (nc=4) forward + backward + SGD step on random 640 images."""
+    """Images/s and peak GiB of the bare YOLOv5s (nc=4) forward + backward + SGD step on random 640 images, through
+    the Detector's forward (its memory layout, no loader, loss or logging)."""
     dtype = DTYPES[precision]
-    model = build_model("yolov5s.yaml", 4).cuda().train()
-    model.model.to(memory_format=torch.channels_last)
+    model = Detector(model_cfg="yolov5s.yaml", nc=4, img_size=640).cuda().train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "16-mixed")
-    x = torch.rand(batch, 3, 640, 640, device="cuda").contiguous(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, 640, 640, device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
