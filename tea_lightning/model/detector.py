@@ -70,7 +70,7 @@ class Detector(pl.LightningModule):
         if weights:
             state, ours = read_weights(weights)
             if ours:  # our own checkpoint, pruned or not: take its architecture, then every tensor must fit
-                resize_to_state_dict(self.model, state)
+                resize_to_state_dict(self.model, state, source=f"--model.weights {weights}")
             else:
                 self._take_pruned_architecture(state, weights)
             transferred, total = transfer_weights(self.model, state)
@@ -336,6 +336,8 @@ class Detector(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A pruned checkpoint's tensors are smaller than the yaml's: take their architecture before Lightning
         # loads them, so that every pruned checkpoint reloads with no option beyond --ckpt_path.
-        resize_to_state_dict(self.model, checkpoint["state_dict"], prefix="model.")
+        ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None  # None: load_from_checkpoint
+        resize_to_state_dict(self.model, checkpoint["state_dict"], prefix="model.",
+                             source=f"--ckpt_path {ckpt_path}" if ckpt_path else "")
         self.apply_memory_format()
         self.last_optimizer_step = checkpoint.get("last_optimizer_step", -1)

@@ -141,7 +141,7 @@ def read_model(path: str | Path, option: str) -> nn.Module:
     hparams = _tea_hyperparameters(checkpoint, path, option)
     model = build_model(hparams["model_cfg"], hparams["nc"], f"the model yaml {option} {path} was trained with,")
     state = _model_weights(checkpoint)
-    resize_to_state_dict(model, state)
+    resize_to_state_dict(model, state, source=f"{option} {path}")
     model.load_state_dict(state)
     return model
 

@@ -24,13 +24,24 @@ def detect_output_convs(model: nn.Module) -> list[nn.Conv2d]:
     return [conv for module in model.modules() if isinstance(module, Detect) for conv in module.m]
 
 
-def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "") -> int:
+def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "",
+                         source: str = "") -> int:
     """Return how many Conv2d/BatchNorm2d modules of `model` were shrunk to the shapes stored in `state_dict`.
 
     Only the keys that start with `prefix` are read (e.g. "model." for a LightningModule holding the YOLOv5 model as
     `self.model`). The new tensors hold no meaningful values: `load_state_dict` is expected to follow. Everything is
-    checked before anything changes, so a StructureMismatch leaves the model as it was.
+    checked before anything changes, so a StructureMismatch leaves the model as it was. `source` (the option and
+    file the state dict came from, e.g. "--model.weights best.ckpt") starts the error message.
     """
+    try:
+        return _resize_to_state_dict(model, state_dict, prefix)
+    except StructureMismatch as err:
+        if not source:
+            raise
+        raise StructureMismatch(f"{source}: {err}") from None
+
+
+def _resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str) -> int:
     stored = {key[len(prefix):]: tensor for key, tensor in state_dict.items() if key.startswith(prefix)}
     current = model.state_dict()
     _check_same_keys(current, stored, prefix)
