@@ -10,8 +10,8 @@ from pytorch_lightning import Callback
 
 class TrainingSpeed(Callback):
     """Logs per epoch `train/images_per_s` (all processes together, training batches only), `train/seconds`,
-    `train/data_wait_share` and `val/seconds` (Lightning validates inside the training epoch, so each is clocked on
-    its own).
+    `train/data_wait_share` and `val/seconds`. Lightning validates inside the training epoch (at its end, and
+    mid-epoch with `val_check_interval` < 1), so validation time is taken out of the training figures.
 
     `train/data_wait_share` is the share of the training time the loop spent between one batch's end and the next
     one's start, i.e. waiting for the loader (and the copy to the device): near 0 when the model is the bottleneck;
@@ -24,7 +24,7 @@ class TrainingSpeed(Callback):
         self._images = 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start, self._images, self._waiting = time.perf_counter(), 0, 0.0
+        self._start, self._images, self._waiting, self._validating = time.perf_counter(), 0, 0.0, 0.0
         self._last_batch_end = self._start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -41,11 +41,16 @@ class TrainingSpeed(Callback):
         self._validation_start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            pl_module.log("val/seconds", time.perf_counter() - self._validation_start, rank_zero_only=True)
+        if trainer.sanity_checking:
+            return
+        seconds = time.perf_counter() - self._validation_start
+        pl_module.log("val/seconds", seconds, rank_zero_only=True)
+        if self._start is not None:  # inside a training epoch: neither training time nor waiting for data
+            self._validating += seconds
+            self._last_batch_end += seconds
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        seconds = self._last_batch_end - self._start
+        seconds = self._last_batch_end - self._start - self._validating
         pl_module.log("train/seconds", seconds, rank_zero_only=True)
         pl_module.log("train/images_per_s", self._images * trainer.world_size / seconds, rank_zero_only=True)
         pl_module.log("train/data_wait_share", self._waiting / seconds, rank_zero_only=True)
