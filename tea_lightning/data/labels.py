@@ -20,7 +20,7 @@ from tea_lightning.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 # YOLOv5 skips images under 10 pixels a side as corrupt: too small to hold an object at any stride.
 MIN_IMAGE_SIDE = 10
 # Labelling tools write 0.9999999 or 1.0000001; anything further outside [0, 1] is a real labelling error.
@@ -203,19 +203,23 @@ def _parse_label_line(values: list[str], nc: int) -> tuple[np.ndarray | None, st
     if cls != int(cls) or cls < 0 or cls >= nc:
         return None, "", f"class id {values[0]} is not an integer in [0, {nc - 1}] (nc={nc} in data.yaml)"
     coords = numbers[1:]
-    if (coords < -COORD_TOLERANCE).any() or (coords > 1 + COORD_TOLERANCE).any():
+    fmt, box = ("box", coords) if n == 5 else ("polygon", _polygon_box(coords))
+    # YOLOv5's check is on the box, so a polygon may reach past the image edge (labelling tools let points be
+    # dragged over it) as long as its box's centre and size are normalised; pixel coordinates are far outside.
+    if (box < -COORD_TOLERANCE).any() or (box > 1 + COORD_TOLERANCE).any():
         return None, "", "coordinates outside [0, 1]: YOLO labels are normalised by the image width and height"
-    coords = coords.clip(0, 1)
-    if n == 5:
-        cx, cy, w, h = coords
-        fmt = "box"
-    else:
-        xs, ys = coords[0::2], coords[1::2]
-        cx, cy, w, h = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, xs.max() - xs.min(), ys.max() - ys.min()
-        fmt = "polygon"
+    if fmt == "polygon":  # the object is cut at the image edge: the box of its visible part
+        box = _polygon_box(coords.clip(0, 1))
+    cx, cy, w, h = box.clip(0, 1)
     if w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:  # float32 boxes narrower than this would have x_min == x_max
         return None, "", f"zero-size box (under {MIN_BOX_SIDE:g} of the image wide or high)"
     return np.array([cls, cx, cy, w, h]), fmt, None
+
+
+def _polygon_box(coords: np.ndarray) -> np.ndarray:
+    """Return [cx, cy, w, h] of the box around polygon points [x1, y1, ..., xn, yn]."""
+    xs, ys = coords[0::2], coords[1::2]
+    return np.array([(xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, xs.max() - xs.min(), ys.max() - ys.min()])
 
 
 def read_image_size(path: Path) -> tuple[int, int]:

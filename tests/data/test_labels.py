@@ -40,12 +40,21 @@ def test_polygon_rows_become_their_bounding_box(tmp_path):
     np.testing.assert_allclose(boxes, [[1, 0.3, 0.4, 0.4, 0.4]], atol=1e-6)
 
 
+def test_a_polygon_past_the_image_edge_is_cut_at_the_edge(tmp_path):
+    # points dragged 0.1 past the right and top edges; the polygon's box is normalised, as YOLOv5 checks
+    boxes, _, problems = parse_label_file(write(tmp_path / "l.txt", "0 0.8 -0.1 1.1 -0.1 1.1 0.6 0.8 0.6\n"), 2)
+    assert problems == []
+    np.testing.assert_allclose(boxes, [[0, 0.9, 0.3, 0.2, 0.6]], atol=1e-6)
+
+
 @pytest.mark.parametrize("line, expected", [
     ("0 0.5 0.5 0.2", "4 values"),
     ("0 0.5 0.5 0.2 0.2 0.1", "6 values"),
     ("0 0.1 0.1 0.2 0.2 0.3 0.3 0.4", "8 values"),
     ("0 0.5 1.5 0.2 0.2", "outside [0, 1]"),
     ("0 -0.5 0.5 0.2 0.2", "outside [0, 1]"),
+    ("0 100 50 200 50 200 80", "outside [0, 1]"),  # a polygon in pixels
+    ("0 0.9 0.1 1.3 0.1 1.3 0.3", "outside [0, 1]"),  # mostly outside the image: its box's centre is
     ("0 0.5 abc 0.2 0.2", "non-numeric"),
     ("2 0.5 0.5 0.2 0.2", "class id 2"),
     ("-1 0.5 0.5 0.2 0.2", "class id -1"),
