@@ -78,8 +78,9 @@ def main() -> None:
             row["finetuned"] = finetune(options, options.out / f"ft{ratio}", *flags, *teacher)
         rows.append((f"{ratio:.1f}", row))
     print(f"{datetime.date.today()}, {torch.get_num_threads()} threads, image size {options.img}, "
-          f"{options.importance} importance{', distilled from the baseline' if options.distill else ''}, fine-tuning "
-          f"{options.finetune_epochs} epochs with seed {options.seed} (baseline: {options.finetune_epochs} more epochs)")
+          f"{options.importance} importance{', distilled from the baseline' if options.distill else ''}, "
+          f"fine-tuning {options.finetune_epochs} epochs with seed {options.seed} "
+          f"(baseline: {options.finetune_epochs} more epochs)")
     print("| pruning ratio | params | GFLOPs | PyTorch ms (b1) | ONNX Runtime ms (b1) | mAP50 / mAP50-95 after "
           "pruning | after fine-tuning |\n|---|---|---|---|---|---|---|")
     b = rows[0][1]

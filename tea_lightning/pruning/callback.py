@@ -142,7 +142,8 @@ class ChannelPruning(pl.Callback):
         with torch.inference_mode(False), torch.enable_grad():
             if self.prune_options["importance"] == "taylor":
                 _loss_gradients(trainer, pl_module)
-            # after the gradients: finding the ratio for a macs_reduction prunes trial copies, which Taylor ranks by them
+            # after the gradients: finding the ratio for a macs_reduction prunes trial copies, which Taylor ranks
+            # by them
             ratio = self._target(pl_module) * share
             result = prune(pl_module.model, self._example(pl_module), ratio, **self.prune_options,
                            original_channels=self.original_channels if steps > 1 else None)

@@ -1,5 +1,5 @@
-"""Run by test_callback.py: a 2-process DDP fit (gloo, CPU) that prunes at epoch 1 (Taylor, global); each rank saves its weights
-and its optimizer-step count, and every checkpoint write is recorded with the rank that made it."""
+"""Run by test_callback.py: a 2-process DDP fit (gloo, CPU) that prunes at epoch 1 (Taylor, global); each rank saves
+its weights and its optimizer-step count, and every checkpoint write is recorded with the rank that made it."""
 
 import sys
 from pathlib import Path
