@@ -205,6 +205,102 @@ for b in BATCHES:
     b32, b16 = bench.get(("32-true", b)), bench.get(("16-mixed", b))
     if b32 and b16:
         print(f"batch {b}: synthetic step 16-mixed / fp32: {b16[0] / b32[0]:.2f}x")
+
+# Where a training step's time goes (the first GPU run had 95 ms per batch-16 step against 29 ms for the bare model):
+# a short fit per precision under torch.profiler, with each phase of the step marked, and per batch the GPU's kernel
+# time beside the wall time, the synchronisations and the kernel launches.
+import functools  # noqa: E402
+
+import pytorch_lightning.core.optimizer as lightning_optimizer  # noqa: E402
+import yolov5.utils.loss  # noqa: E402
+
+from tea_lightning.model import detector as detector_module  # noqa: E402
+from tea_lightning.model.recipe import ExponentialMovingAverage  # noqa: E402
+
+PHASES = {"batch to device": (Detector, "transfer_batch_to_device"), "schedule": (detector_module, "apply_schedule"),
+          "forward": (Detector, "forward"), "YOLOv5 loss": (yolov5.utils.loss.ComputeLoss, "__call__"),
+          "finite check": (Detector, "_stop_unless_finite"), "backward": (Detector, "manual_backward"),
+          "optimizer step (clip, scaler)": (lightning_optimizer.LightningOptimizer, "step"),
+          "EMA update": (ExponentialMovingAverage, "on_train_batch_end")}
+
+
+def _marked(original, label):
+    @functools.wraps(original)
+    def marked(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return original(*args, **kwargs)
+    return marked
+
+
+for _label, (_owner, _name) in PHASES.items():
+    setattr(_owner, _name, _marked(getattr(_owner, _name), f"step: {_label}"))
+
+SKIP, ACTIVE = 10, 15  # batches before the profiled ones (workers start, cudnn searches), profiled batches
+profiler, batch_ends = None, []
+
+
+def _profiled_batch_end(self, *args):
+    _synchronised_batch_end(self, *args)
+    if profiler is not None:
+        batch_ends.append(time.perf_counter())
+        profiler.step()
+
+
+speed.TrainingSpeed.on_train_batch_end = _profiled_batch_end
+
+
+def profile_fit(precision: str, batch: int) -> None:
+    """Print per batch: wall and GPU kernel time, synchronisations, copies and launches, and each phase's time."""
+    global profiler
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    args = ["fit", "--config", "configs/yolov5s.yaml", "--data.data_yaml", DATA, "--data.img_size", "640",
+            "--data.batch_size", str(batch), "--data.workers", str(WORKERS), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", str(SKIP + ACTIVE + 1), "--trainer.limit_val_batches", "1",
+            "--trainer.precision", precision, "--trainer.accelerator", "gpu", "--trainer.devices", "1",
+            "--trainer.benchmark", "true", "--trainer.logger", "false", "--model.plots", "false",
+            "--trainer.default_root_dir", f"/tmp/gpu_check_runs/profile_{precision}_b{batch}",
+            "--trainer.enable_progress_bar", "false"]
+    print(f"\n=== profile {precision}, batch {batch}: tea-lightning {' '.join(args)}", flush=True)
+    batch_ends.clear()
+    # the profiler's step k runs from batch end k-1 to batch end k; steps SKIP .. SKIP+ACTIVE-1 are recorded
+    with torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(
+            wait=SKIP - 2, warmup=2, active=ACTIVE, repeat=1)) as prof:
+        profiler = prof
+        try:
+            cli_main(args)
+        finally:
+            profiler = None
+    wall_ms = (batch_ends[SKIP + ACTIVE - 1] - batch_ends[SKIP - 1]) / ACTIVE * 1e3
+    events = prof.key_averages()
+    by_key = {e.key: e for e in events}
+
+    def per_batch(*keys):
+        return sum(by_key[k].count for k in keys if k in by_key) / ACTIVE
+
+    kernel_ms = sum(e.self_device_time_total for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA) / ACTIVE / 1e3
+    print(f"{precision}, batch {batch}, per batch: {wall_ms:.1f} ms wall, {kernel_ms:.1f} ms of GPU kernels "
+          f"(GPU busy {kernel_ms / wall_ms:.0%}), "
+          f"{per_batch('cudaStreamSynchronize', 'cudaDeviceSynchronize', 'cudaEventSynchronize'):.1f} "
+          f"synchronisations, {per_batch('cudaMemcpyAsync'):.1f} copies, "
+          f"{per_batch('cudaLaunchKernel', 'cudaLaunchKernelExC', 'cuLaunchKernel', 'cuLaunchKernelEx'):.0f} "
+          "kernel launches (the batch-end synchronisation is this script's)")
+    print("| phase of the training step | CPU ms per batch | GPU ms per batch | calls per batch |\n|---|---|---|---|")
+    for label in PHASES:
+        e = by_key.get(f"step: {label}")
+        if e is not None:
+            print(f"| {label} | {e.cpu_time_total / ACTIVE / 1e3:.2f} | {e.device_time_total / ACTIVE / 1e3:.2f} | "
+                  f"{e.count / ACTIVE:.2f} |")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+
+
+for p in [p for p in ("32-true", "16-mixed") if p in PRECISIONS]:
+    try:
+        profile_fit(p, BATCHES[0])
+    except BaseException:  # the fits' figures above are already printed: report and go on
+        traceback.print_exc()
 EOF
 python3 /tmp/gpu_check.py
 } 2>&1 | tee "$OUT/log"
