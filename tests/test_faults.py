@@ -180,8 +180,8 @@ def test_class_count_of_data_and_checkpoint_differ(trained, synthetic_yaml, tmp_
     three.update(names=["bud", "leaf", "stem"], nc=3, path=str(synthetic_yaml.parent))
     (tmp_path / "three.yaml").write_text(yaml.safe_dump(three))
     fails(["validate", *FAST, "--data.data_yaml", str(tmp_path / "three.yaml"), "--trainer.default_root_dir",
-           str(tmp_path), "--ckpt_path", str(run / "checkpoints" / "best.ckpt")], "model.model.24.m.0.weight",
-          "class count")
+           str(tmp_path), "--ckpt_path", str(run / "checkpoints" / "best.ckpt")],
+          f"--ckpt_path {run / 'checkpoints' / 'best.ckpt'}: model.model.24.m.0.weight", "class count")
 
 
 def test_pruned_checkpoint_given_to_another_model_config(tmp_path, synthetic_yaml):
@@ -192,7 +192,8 @@ def test_pruned_checkpoint_given_to_another_model_config(tmp_path, synthetic_yam
     prune(model, torch.zeros(1, 3, 128, 128), 0.3)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "pruned.ckpt")
     fails(fit_args(synthetic_yaml, tmp_path) + ["--model.model_cfg", "yolov5m.yaml", "--model.weights",
-                                                str(tmp_path / "pruned.ckpt")], "model.")
+                                                str(tmp_path / "pruned.ckpt")],
+          f"--model.weights {tmp_path / 'pruned.ckpt'}: model.", "model config and nc it was trained with")
 
 
 @pytest.mark.parametrize("options, expected", [
