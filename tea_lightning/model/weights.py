@@ -53,8 +53,8 @@ def resolve_model_yaml(name: str, option: str = "--model.model_cfg") -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_yolov5():
-    """Silence the yolov5 package's layer table while a model is built."""
+def quiet_yolov5():
+    """Silence the yolov5 package's layer tables and summaries (model building, fusing)."""
     logger = logging.getLogger("yolov5")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -68,7 +68,7 @@ def build_model(model_cfg: str, nc: int, option: str = "--model.model_cfg") -> n
     """Return a freshly initialised `yolov5.models.yolo.Model` with `nc` classes."""
     from yolov5.models.yolo import Model
 
-    with _quiet_yolov5():
+    with quiet_yolov5():
         return Model(str(resolve_model_yaml(model_cfg, option)), ch=3, nc=nc)
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tea_lightning.model.weights import quiet_yolov5
+
 
 @dataclass
 class Latency:
@@ -42,8 +44,18 @@ def _summary(backend: str, batch: int, times: list[float], threads: int) -> Late
 
 
 def inference_model(model: nn.Module) -> nn.Module:
-    """Return an eval-mode float32 copy whose Detect head returns only the (B, N, 5 + nc) predictions."""
+    """Return an eval-mode float32 copy of a YOLOv5 model as it is deployed: each BatchNorm folded into the
+    convolution before it (YOLOv5's `fuse`, as its detect.py and export.py do), the layers in the memory layout they
+    had, and a Detect head that returns only the (B, N, 5 + nc) predictions."""
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     model = copy.deepcopy(model).float().eval()
+    # YOLOv5's folding views each weight as (out, in*k*k), which needs the default layout; the layers are converted,
+    # not the DetectionModel, whose cached 5-D Detect grids have no channels-last layout
+    model.model.to(memory_format=torch.contiguous_format)
+    with quiet_yolov5():
+        model.fuse()
+    if channels_last:
+        model.model.to(memory_format=torch.channels_last)
     model.model[-1].export = True  # YOLOv5's switch: skip the per-level raw outputs
     return model
 
