@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated", categor
 
 from jsonargparse import Namespace  # noqa: E402
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
-from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger, WandbLogger  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_warn  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
@@ -98,6 +98,11 @@ class TeaCLI(LightningCLI):
             config.model.weights = None
         if self.subcommand in ("validate", "test", "predict"):
             config.model.teacher = None  # only training distils; a checkpoint names a teacher that may be gone
+            # Only fit writes checkpoints (best, last, on an interruption); elsewhere Lightning would still restore
+            # the checkpoint callbacks' state from --ckpt_path and warn that their folder has changed
+            trainer.enable_checkpointing = False
+            self.trainer_defaults["callbacks"] = [callback for callback in self.trainer_defaults["callbacks"]
+                                                  if not isinstance(callback, Checkpoint)]
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
             if getattr(logger, "init_args", None) is None:

@@ -39,7 +39,7 @@ def test_best_and_last_checkpoints_and_run_files_are_written(trained):
     assert cli.trainer.checkpoint_callback.best_model_path.endswith("best.ckpt")
 
 
-def test_best_checkpoint_validates_to_the_fitness_it_was_saved_with(trained, synthetic_yaml, tmp_path):
+def test_best_checkpoint_validates_to_the_fitness_it_was_saved_with(trained, synthetic_yaml, tmp_path, recwarn):
     cli, run = trained
     saved = float(cli.trainer.checkpoint_callback.best_model_score)
     validation = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml),
@@ -48,6 +48,8 @@ def test_best_checkpoint_validates_to_the_fitness_it_was_saved_with(trained, syn
     assert validation.trainer.callback_metrics["val/fitness"].item() == pytest.approx(saved, abs=1e-6)
     assert {"val/mAP50", "val/mAP50-95", "val/precision", "val/recall", "val/f1"} <= set(
         validation.trainer.callback_metrics)
+    assert validation.trainer.checkpoint_callbacks == [] and not list(tmp_path.rglob("*.ckpt"))
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]  # no fit checkpoints restored
 
 
 def test_predict_writes_boxes_and_yolo_labels(trained, synthetic_yaml, tmp_path):
