@@ -19,7 +19,7 @@ from tea_lightning.model.postprocess import non_max_suppression, unletterbox_box
 from tea_lightning.model.recipe import ExponentialMovingAverage, Recipe, apply_schedule, build_optimizer, \
     warmup_iterations
 from tea_lightning.model.weights import build_model, check_tea_checkpoint, read_model, read_weights, \
-    transfer_weights
+    set_layer_memory_format, transfer_weights
 from tea_lightning.pruning.structure import StructureMismatch, resize_to_state_dict
 from tea_lightning.rundir import run_dir
 
@@ -132,11 +132,9 @@ class Detector(pl.LightningModule):
         loading a pruned checkpoint), since new tensors come in the default layout."""
         if not self.hparams.channels_last:
             return
-        # the layers (model.model), not the DetectionModel: its _apply also converts the Detect head's cached 5-D
-        # grids, which channels_last refuses
-        self.model.model.to(memory_format=torch.channels_last)
+        set_layer_memory_format(self.model, torch.channels_last)
         if self.distillation is not None:
-            self.distillation.teacher.model.to(memory_format=torch.channels_last)
+            set_layer_memory_format(self.distillation.teacher, torch.channels_last)
 
     @property
     def compute_loss(self):

@@ -72,6 +72,12 @@ def build_model(model_cfg: str, nc: int, option: str = "--model.model_cfg") -> n
         return Model(str(resolve_model_yaml(model_cfg, option)), ch=3, nc=nc)
 
 
+def set_layer_memory_format(model: nn.Module, memory_format: torch.memory_format) -> None:
+    """Put a YOLOv5 model's layers (`model.model`) in `memory_format`. The layers, not the model: YOLOv5's
+    `_apply` also converts the Detect head's cached 5-D grids, which have no channels-last layout."""
+    model.model.to(memory_format=memory_format)
+
+
 def _load(path: str | Path, option: str):
     """Return the unpickled contents of a weights file, or raise an error that names the file and the option."""
     path = Path(path).expanduser()

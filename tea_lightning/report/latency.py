@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tea_lightning.model.weights import quiet_yolov5
+from tea_lightning.model.weights import quiet_yolov5, set_layer_memory_format
 
 
 @dataclass
@@ -49,13 +49,11 @@ def inference_model(model: nn.Module) -> nn.Module:
     had, and a Detect head that returns only the (B, N, 5 + nc) predictions."""
     channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     model = copy.deepcopy(model).float().eval()
-    # YOLOv5's folding views each weight as (out, in*k*k), which needs the default layout; the layers are converted,
-    # not the DetectionModel, whose cached 5-D Detect grids have no channels-last layout
-    model.model.to(memory_format=torch.contiguous_format)
+    set_layer_memory_format(model, torch.contiguous_format)  # YOLOv5's folding views weights as (out, in*k*k)
     with quiet_yolov5():
         model.fuse()
     if channels_last:
-        model.model.to(memory_format=torch.channels_last)
+        set_layer_memory_format(model, torch.channels_last)
     model.model[-1].export = True  # YOLOv5's switch: skip the per-level raw outputs
     return model
 
