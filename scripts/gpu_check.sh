@@ -136,6 +136,14 @@ def table(rows):
     return "\n".join(lines)
 
 
+def fit_args(precision: str, batch: int, root: str) -> list[str]:
+    """Return the `tea-lightning fit` options every fit of this check shares: YOLOv5s at 640 on one GPU."""
+    return ["fit", "--config", "configs/yolov5s.yaml", "--data.data_yaml", DATA, "--data.img_size", "640",
+            "--data.batch_size", str(batch), "--data.workers", str(WORKERS), "--trainer.precision", precision,
+            "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.benchmark", "true",
+            "--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "false"]
+
+
 def read_fit(metrics_csv: str, row: dict) -> None:
     """Fill the row from a fit's metrics.csv: speed over epochs >= 1 (epoch 0 starts the workers), last mAP."""
     with open(metrics_csv) as f:
@@ -158,11 +166,8 @@ rows = []
 for b in BATCHES:
     for p in PRECISIONS:
         name = f"{p}_b{b}"
-        args = ["fit", "--config", "configs/yolov5s.yaml", "--data.data_yaml", DATA, "--data.img_size", "640",
-                "--data.batch_size", str(b), "--data.workers", str(WORKERS), "--trainer.max_epochs", str(EPOCHS),
-                "--trainer.precision", p, "--trainer.accelerator", "gpu", "--trainer.devices", "1",
-                "--trainer.benchmark", "true", "--trainer.logger", "CSVLogger",
-                "--trainer.default_root_dir", f"/tmp/gpu_check_runs/{name}", "--trainer.enable_progress_bar", "false"]
+        args = [*fit_args(p, b, f"/tmp/gpu_check_runs/{name}"), "--trainer.max_epochs", str(EPOCHS),
+                "--trainer.logger", "CSVLogger"]
         print(f"\n=== fit {p}, batch {b}: tea-lightning {' '.join(args)}", flush=True)
         row = {"precision": p, "batch": b, "ips": None, "wait": None, "step_ips": None, "per_epoch": "",
                "peak": None, "map50": None, "map": None, "epochs": 0, "wall": 0.0}
@@ -255,13 +260,9 @@ def profile_fit(precision: str, batch: int) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    args = ["fit", "--config", "configs/yolov5s.yaml", "--data.data_yaml", DATA, "--data.img_size", "640",
-            "--data.batch_size", str(batch), "--data.workers", str(WORKERS), "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", str(SKIP + ACTIVE + 1), "--trainer.limit_val_batches", "1",
-            "--trainer.precision", precision, "--trainer.accelerator", "gpu", "--trainer.devices", "1",
-            "--trainer.benchmark", "true", "--trainer.logger", "false", "--model.plots", "false",
-            "--trainer.default_root_dir", f"/tmp/gpu_check_runs/profile_{precision}_b{batch}",
-            "--trainer.enable_progress_bar", "false"]
+    args = [*fit_args(precision, batch, f"/tmp/gpu_check_runs/profile_{precision}_b{batch}"),
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(SKIP + ACTIVE + 1),
+            "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--model.plots", "false"]
     print(f"\n=== profile {precision}, batch {batch}: tea-lightning {' '.join(args)}", flush=True)
     batch_ends.clear()
     # the profiler's step k runs from batch end k-1 to batch end k; steps SKIP .. SKIP+ACTIVE-1 are recorded
