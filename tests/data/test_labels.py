@@ -54,7 +54,7 @@ def test_a_polygon_past_the_image_edge_is_cut_at_the_edge(tmp_path):
     ("0 0.5 1.5 0.2 0.2", "outside [0, 1]"),
     ("0 -0.5 0.5 0.2 0.2", "outside [0, 1]"),
     ("0 100 50 200 50 200 80", "outside [0, 1]"),  # a polygon in pixels
-    ("0 0.9 0.1 1.3 0.1 1.3 0.3", "outside [0, 1]"),  # mostly outside the image: its box's centre is
+    ("0 0.9 0.1 1.3 0.1 1.3 0.3", "outside [0, 1]"),  # mostly outside the image: so is its box's centre
     ("0 0.5 abc 0.2 0.2", "non-numeric"),
     ("2 0.5 0.5 0.2 0.2", "class id 2"),
     ("-1 0.5 0.5 0.2 0.2", "class id -1"),
