@@ -34,6 +34,9 @@ from tea_lightning.study.sweep import sweep_main  # noqa: E402
 # demo and sweep run LightningCLI in-process with their own arguments on purpose. (Set after the imports: importing
 # the model module puts UserWarnings back on, ahead of earlier filters.)
 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended", category=UserWarning)
+# torch 2.14 deprecates a class that Lightning 2.6's own code uses, and says so at every fit, validate and predict.
+warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated",
+                        category=FutureWarning)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

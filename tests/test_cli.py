@@ -5,8 +5,10 @@ import csv
 import time
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
+from tea_lightning import Detector, YoloDataModule
 from tea_lightning.cli import cli_main, main
 from tests.conftest import FAST, YOLOV5N, need
 
@@ -39,6 +41,12 @@ def test_best_and_last_checkpoints_and_run_files_are_written(trained):
     assert cli.trainer.checkpoint_callback.best_model_path.endswith("best.ckpt")
 
 
+def fit_callback_warnings(recorded) -> list[str]:
+    """Return Lightning's warnings about restoring the fit's callbacks (checkpoints, EMA) outside fit."""
+    signs = ("dirpath has changed", "callbacks used to create the checkpoint", "WeightAveraging")
+    return [str(w.message) for w in recorded if any(sign in str(w.message) for sign in signs)]
+
+
 def test_best_checkpoint_validates_to_the_fitness_it_was_saved_with(trained, synthetic_yaml, tmp_path, recwarn):
     cli, run = trained
     saved = float(cli.trainer.checkpoint_callback.best_model_score)
@@ -49,10 +57,10 @@ def test_best_checkpoint_validates_to_the_fitness_it_was_saved_with(trained, syn
     assert {"val/mAP50", "val/mAP50-95", "val/precision", "val/recall", "val/f1"} <= set(
         validation.trainer.callback_metrics)
     assert validation.trainer.checkpoint_callbacks == [] and not list(tmp_path.rglob("*.ckpt"))
-    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]  # no fit checkpoints restored
+    assert not fit_callback_warnings(recwarn)
 
 
-def test_predict_writes_boxes_and_yolo_labels(trained, synthetic_yaml, tmp_path):
+def test_predict_writes_boxes_and_yolo_labels(trained, synthetic_yaml, tmp_path, recwarn):
     _, run = trained
     images = synthetic_yaml.parent / "images" / "val"
     cli_main(["predict", *FAST, "--data.data_yaml", str(synthetic_yaml), "--data.predict_source", str(images),
@@ -61,6 +69,29 @@ def test_predict_writes_boxes_and_yolo_labels(trained, synthetic_yaml, tmp_path)
     assert len(list((out / "images").glob("*.jpg"))) == len(list(images.glob("*.jpg")))
     lines = [line.split() for f in (out / "labels").glob("*.txt") for line in f.read_text().splitlines()]
     assert lines and all(len(v) == 5 and 0 <= float(v[1]) <= 1 for v in lines)
+    assert not fit_callback_warnings(recwarn)
+
+
+def test_predict_runs_the_folded_model_and_finds_what_the_training_graph_finds(trained, synthetic_yaml):
+    _, run = trained
+    model = Detector.from_checkpoint(run / "checkpoints" / "best.ckpt")
+    data = YoloDataModule(str(synthetic_yaml), img_size=128, batch_size=4, workers=0,
+                          predict_source=str(synthetic_yaml.parent / "images" / "val"))
+    model.hparams.conf_thres = 0.1  # no scores within rounding of the threshold, or of the 300th place
+    keys = set(model.state_dict())
+    predicted = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).predict(
+        model, datamodule=data)
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batch_norms and set(model.state_dict()) == keys  # the folded copy never joined the module
+    assert model._deployed is None
+    with torch.no_grad():
+        model.eval()
+        expected = [model._detections(model(batch["images"])[0], batch) for batch in data.predict_dataloader()]
+    pairs = [(p["detections"], e) for batch, expected_batch in zip(predicted, expected)
+             for p, e in zip(batch, expected_batch)]
+    assert sum(len(e) for _, e in pairs) > 0
+    for got, want in pairs:  # same boxes, scores and classes to rounding
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
 def test_predict_keeps_subfolders_so_same_named_images_do_not_collide(trained, synthetic_yaml, tmp_path):

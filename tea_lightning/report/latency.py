@@ -3,7 +3,6 @@ against PyTorch's output."""
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tea_lightning.model.weights import quiet_yolov5, set_layer_memory_format
+from tea_lightning.model.weights import inference_model
 
 
 @dataclass
@@ -41,21 +40,6 @@ def _time(run, runs: int, warmup: int) -> list[float]:
 
 def _summary(backend: str, batch: int, times: list[float], threads: int) -> Latency:
     return Latency(backend, batch, statistics.median(times), float(np.percentile(times, 90)), len(times), threads)
-
-
-def inference_model(model: nn.Module) -> nn.Module:
-    """Return an eval-mode float32 copy of a YOLOv5 model as it is deployed: each BatchNorm folded into the
-    convolution before it (YOLOv5's `fuse`, as its detect.py and export.py do), the layers in the memory layout they
-    had, and a Detect head that returns only the (B, N, 5 + nc) predictions."""
-    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
-    model = copy.deepcopy(model).float().eval()
-    set_layer_memory_format(model, torch.contiguous_format)  # YOLOv5's folding views weights as (out, in*k*k)
-    with quiet_yolov5():
-        model.fuse()
-    if channels_last:
-        set_layer_memory_format(model, torch.channels_last)
-    model.model[-1].export = True  # YOLOv5's switch: skip the per-level raw outputs
-    return model
 
 
 @torch.no_grad()

@@ -5,9 +5,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tea_lightning.model.weights import build_model
+from tea_lightning.model.weights import build_model, inference_model
 from tea_lightning.pruning import prune
-from tea_lightning.report.latency import export_onnx, inference_model, onnx_latency, torch_latency
+from tea_lightning.report.latency import export_onnx, onnx_latency, torch_latency
 
 
 @pytest.mark.parametrize("ratio", [None, 0.3])
