@@ -185,6 +185,8 @@ class Detector(pl.LightningModule):
                               "--trainer.max_time may still stop the run earlier.")
 
     def on_fit_start(self) -> None:
+        if self.distillation is not None:  # not a submodule (see OutputDistillation): Lightning does not move it
+            self.distillation.teacher.to(self.device)
         summary = self.model_summary()
         rank_zero_info(f"{Path(self.hparams.model_cfg).stem}: {summary['model/params']:,} parameters, "
                        f"{summary['model/GFLOPs']:.2f} GFLOPs at {self.hparams.img_size}")

@@ -45,7 +45,6 @@ class OutputDistillation:
     @torch.no_grad()
     def teacher_outputs(self, images: Tensor) -> list[Tensor]:
         """Return the teacher's raw outputs per detection layer, (batch, anchors, ny, nx, 5 + classes) each."""
-        self.teacher.to(images.device)
         return self.teacher(images)[1]  # in eval mode a YOLOv5 model returns (decoded detections, raw outputs)
 
     def loss(self, images: Tensor, student: Sequence[Tensor], hyp: Mapping[str, float],
