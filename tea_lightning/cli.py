@@ -82,8 +82,19 @@ class RunConfig(SaveConfigCallback):
                                     **({"data": datamodule.dataset_info()} if datamodule else {})})
 
 
+# Settings of a run rather than of the model: what this command line (or its config files) says wins over the
+# hyperparameters saved in --ckpt_path, which Lightning's CLI otherwise writes over every --model option.
+RUN_SETTINGS = ("conf_thres", "iou_thres", "max_det", "predict_conf_thres", "predict_iou_thres", "plots")
+
+
 class TeaCLI(LightningCLI):
-    """LightningCLI that ties the data set's classes, image size and batch size to the model."""
+    """LightningCLI that ties the data set's classes, image size and batch size to the model, and keeps this run's
+    evaluation and prediction settings when a checkpoint is given."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)  # runs before Lightning reads the checkpoint's hyperparameters
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        self.run_settings = {name: config.model[name] for name in RUN_SETTINGS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.nc", "model.nc", apply_on="instantiate")
@@ -95,6 +106,8 @@ class TeaCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         _check_writable(Path(trainer.default_root_dir or "."))
+        for name, value in self.run_settings.items():
+            config.model[name] = value
         if config.get("ckpt_path"):
             # Every weight comes from the checkpoint; LightningCLI copies its saved --model.weights into the config,
             # a file that need not exist any more (a checkpoint moved to another machine).

@@ -77,7 +77,7 @@ def test_predict_runs_the_folded_model_and_finds_what_the_training_graph_finds(t
     model = Detector.from_checkpoint(run / "checkpoints" / "best.ckpt")
     data = YoloDataModule(str(synthetic_yaml), img_size=128, batch_size=4, workers=0,
                           predict_source=str(synthetic_yaml.parent / "images" / "val"))
-    model.hparams.conf_thres = 0.1  # no scores within rounding of the threshold, or of the 300th place
+    model.hparams.predict_conf_thres = 0.1  # no scores within rounding of the threshold, or of the 300th place
     keys = set(model.state_dict())
     predicted = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).predict(
         model, datamodule=data)
@@ -86,12 +86,32 @@ def test_predict_runs_the_folded_model_and_finds_what_the_training_graph_finds(t
     assert model._deployed is None
     with torch.no_grad():
         model.eval()
-        expected = [model._detections(model(batch["images"])[0], batch) for batch in data.predict_dataloader()]
+        expected = [model._detections(model(batch["images"])[0], batch, predicting=True) for batch in data.predict_dataloader()]
     pairs = [(p["detections"], e) for batch, expected_batch in zip(predicted, expected)
              for p, e in zip(batch, expected_batch)]
     assert sum(len(e) for _, e in pairs) > 0
+    found = torch.cat([got for got, _ in pairs])
+    assert (found[:, 4] >= 0.1).all() and len(found.unique(dim=0)) == len(found.unique(dim=0)[:, :4].unique(dim=0))
     for got, want in pairs:  # same boxes, scores and classes to rounding
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_predict_confidence_threshold_is_an_option(trained, synthetic_yaml, tmp_path):
+    _, run = trained
+    images = synthetic_yaml.parent / "images" / "val"
+    cli_main(["predict", *FAST, "--data.data_yaml", str(synthetic_yaml), "--data.predict_source", str(images),
+              "--model.predict_conf_thres", "1.0", "--trainer.default_root_dir", str(tmp_path),
+              "--ckpt_path", str(run / "checkpoints" / "best.ckpt")])
+    labels = list(tmp_path.glob("version_*/predictions/labels/*.txt"))
+    assert len(labels) == len(list(images.glob("*.jpg"))) and not any(f.read_text() for f in labels)
+
+
+def test_evaluation_settings_on_the_command_line_win_over_the_checkpoints(trained, synthetic_yaml, tmp_path):
+    _, run = trained  # fitted with the defaults conf_thres 0.001, max_det 300
+    cli = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.conf_thres", "0.3",
+                    "--model.max_det", "5", "--trainer.default_root_dir", str(tmp_path),
+                    "--ckpt_path", str(run / "checkpoints" / "best.ckpt")])
+    assert (cli.model.hparams.conf_thres, cli.model.hparams.max_det) == (0.3, 5)
 
 
 def test_predict_keeps_subfolders_so_same_named_images_do_not_collide(trained, synthetic_yaml, tmp_path):

@@ -46,7 +46,10 @@ class Detector(pl.LightningModule):
         batch_size: images per batch and process (linked from the data module); sets accumulation.
         recipe: optimisation and loss hyperparameters (YOLOv5 defaults).
         ema: keep YOLOv5's EMA of the weights for validation and checkpoints.
-        conf_thres, iou_thres, max_det: NMS settings of validation and prediction.
+        conf_thres, iou_thres, max_det: NMS settings of validation (YOLOv5's val.py: every box that could count
+            towards mAP, with a box per class above the threshold).
+        predict_conf_thres, predict_iou_thres: NMS settings of prediction (YOLOv5's detect.py: the boxes worth
+            drawing, one class per box).
         plots: write precision/recall/F1/PR curves at the end of validation.
         teacher: a checkpoint (.ckpt of ours or YOLOv5 .pt, with the same classes and anchors) to distil from while
             training, e.g. the unpruned model when fine-tuning its pruned copy; only used by `fit`.
@@ -59,7 +62,8 @@ class Detector(pl.LightningModule):
     def __init__(self, model_cfg: str = "yolov5n.yaml", nc: int = 80, names: list[str] | None = None,
                  weights: str | None = None, img_size: int = 640, batch_size: int = 16,
                  recipe: Recipe = Recipe(), ema: bool = True, conf_thres: float = 0.001,
-                 iou_thres: float = 0.6, max_det: int = 300, plots: bool = True, teacher: str | None = None,
+                 iou_thres: float = 0.6, max_det: int = 300, predict_conf_thres: float = 0.25,
+                 predict_iou_thres: float = 0.45, plots: bool = True, teacher: str | None = None,
                  distill_weight: float = 1.0, channels_last: bool = True):
         super().__init__()
         self.save_hyperparameters()
@@ -245,10 +249,15 @@ class Detector(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=self.recipe.grad_clip_norm, gradient_clip_algorithm="norm")
 
     # ---- evaluation -------------------------------------------------------------------------------------------
-    def _detections(self, predictions: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        """Return the model's (B, N, 5 + nc) predictions after NMS, per image in original-image pixels."""
-        detections = non_max_suppression(predictions, self.hparams.conf_thres, self.hparams.iou_thres,
-                                         self.hparams.max_det)
+    def _detections(self, predictions: torch.Tensor, batch: dict, predicting: bool = False) -> list[torch.Tensor]:
+        """Return the model's (B, N, 5 + nc) predictions after NMS (validation's or prediction's settings), per
+        image in original-image pixels."""
+        if predicting:
+            detections = non_max_suppression(predictions, self.hparams.predict_conf_thres,
+                                             self.hparams.predict_iou_thres, self.hparams.max_det, multi_label=False)
+        else:
+            detections = non_max_suppression(predictions, self.hparams.conf_thres, self.hparams.iou_thres,
+                                             self.hparams.max_det)
         for i, det in enumerate(detections):
             det[:, :4] = unletterbox_boxes(det[:, :4], batch["ratios"][i], batch["pads"][i],
                                            batch["original_shapes"][i])
@@ -335,7 +344,7 @@ class Detector(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Return per image its path, original size and detections [x1, y1, x2, y2, conf, class] in pixels."""
         predictions = self._deployed(self._model_input(batch["images"]))[0]
-        detections = self._detections(predictions, batch)
+        detections = self._detections(predictions, batch, predicting=True)
         return [{"path": path, "original_shape": tuple(int(v) for v in shape), "detections": det.cpu()}
                 for path, shape, det in zip(batch["paths"], batch["original_shapes"], detections)]
 

@@ -19,13 +19,13 @@ PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 
 
 class DetectionWriter(BasePredictionWriter):
     """Saves `<output_dir>/images/<name>.jpg` with boxes and `<output_dir>/labels/<name>.txt` (`cls cx cy w h`,
-    normalised, plus the confidence with `save_conf`) for detections at or above `conf_thres`. Images in
-    subfolders of `--data.predict_source` keep their subfolders, so that same-named images of different
+    normalised, plus the confidence with `save_conf`) for the detections `predict` returns (those at or above
+    `--model.predict_conf_thres`). Images in subfolders of `--data.predict_source` keep their subfolders, so that same-named images of different
     folders (cameras, days) do not overwrite each other's outputs."""
 
-    def __init__(self, output_dir: str | None = None, conf_thres: float = 0.25, save_conf: bool = False):
+    def __init__(self, output_dir: str | None = None, save_conf: bool = False):
         super().__init__(write_interval="batch")
-        self.output_dir, self.conf_thres, self.save_conf = output_dir, conf_thres, save_conf
+        self.output_dir, self.save_conf = output_dir, save_conf
 
     def _root(self, trainer) -> Path:
         return Path(self.output_dir or run_dir(trainer) / "predictions")
@@ -38,7 +38,6 @@ class DetectionWriter(BasePredictionWriter):
         names = getattr(pl_module, "names", None)
         for item in prediction:
             det = item["detections"].numpy()
-            det = det[det[:, 4] >= self.conf_thres]
             path = Path(item["path"])
             height, width = item["original_shape"]
             name = path.relative_to(folder) if folder else Path(path.name)
