@@ -79,11 +79,10 @@ def set_layer_memory_format(model: nn.Module, memory_format: torch.memory_format
     model.model.to(memory_format=memory_format)
 
 
-def inference_model(model: nn.Module, predictions_only: bool = True) -> nn.Module:
+def inference_model(model: nn.Module) -> nn.Module:
     """Return an eval-mode float32 copy of a YOLOv5 model as it is deployed: each BatchNorm folded into the
     convolution before it (YOLOv5's `fuse`, as its detect.py and export.py do), the layers in the memory layout they
-    had. With `predictions_only` its Detect head returns only the (B, N, 5 + nc) predictions (what export needs);
-    otherwise the eval model's (predictions, raw outputs per level)."""
+    had, and a Detect head that returns only the (B, N, 5 + nc) predictions."""
     channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     model = copy.deepcopy(model).float().eval()
     set_layer_memory_format(model, torch.contiguous_format)  # YOLOv5's folding views weights as (out, in*k*k)
@@ -91,7 +90,7 @@ def inference_model(model: nn.Module, predictions_only: bool = True) -> nn.Modul
         model.fuse()
     if channels_last:
         set_layer_memory_format(model, torch.channels_last)
-    model.model[-1].export = predictions_only  # YOLOv5's switch: skip the per-level raw outputs
+    model.model[-1].export = True  # YOLOv5's switch: skip the per-level raw outputs
     return model
 
 
