@@ -360,7 +360,8 @@ class Detector(pl.LightningModule):
                              source=f"--ckpt_path {ckpt_path}" if ckpt_path else "")
         self.apply_memory_format()
         self.last_optimizer_step = checkpoint.get("last_optimizer_step", -1)
-        if self._trainer is not None and self._trainer.state.fn != TrainerFn.FITTING:
-            # Only fit resumes callbacks (validate/test/predict run without the checkpoint callbacks, see TeaCLI):
-            # without this Lightning would ask for the fit's callbacks to be added.
-            checkpoint.pop("callbacks", None)
+        if self._trainer is not None and self._trainer.state.fn != TrainerFn.FITTING and "callbacks" in checkpoint:
+            # validate/test/predict leave the fit's checkpoint callbacks out on purpose (TeaCLI), and Lightning would
+            # ask for them to be added; the callbacks of this run (ChannelPruning: is it pruned?) keep their state.
+            present = {callback.state_key for callback in self._trainer.callbacks}
+            checkpoint["callbacks"] = {key: state for key, state in checkpoint["callbacks"].items() if key in present}
