@@ -20,8 +20,8 @@ PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 
 class DetectionWriter(BasePredictionWriter):
     """Saves `<output_dir>/images/<name>.jpg` with boxes and `<output_dir>/labels/<name>.txt` (`cls cx cy w h`,
     normalised, plus the confidence with `save_conf`) for the detections `predict` returns (those at or above
-    `--model.predict_conf_thres`). Images in subfolders of `--data.predict_source` keep their subfolders, so that same-named images of different
-    folders (cameras, days) do not overwrite each other's outputs."""
+    `--model.predict_conf_thres`). Images in subfolders of `--data.predict_source` keep their subfolders, so that
+    same-named images of different folders (cameras, days) do not overwrite each other's outputs."""
 
     def __init__(self, output_dir: str | None = None, save_conf: bool = False):
         super().__init__(write_interval="batch")
