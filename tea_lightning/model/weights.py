@@ -86,7 +86,9 @@ def inference_model(model: nn.Module) -> nn.Module:
     channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     model = copy.deepcopy(model).float().eval()
     set_layer_memory_format(model, torch.contiguous_format)  # YOLOv5's folding views weights as (out, in*k*k)
-    with quiet_yolov5():
+    # without no_grad the fused weights are copied from weights that require gradients: they would keep an
+    # autograd graph back to the training weights (non-leaf parameters, which every later .to() warns about)
+    with quiet_yolov5(), torch.no_grad():
         model.fuse()
     if channels_last:
         set_layer_memory_format(model, torch.channels_last)

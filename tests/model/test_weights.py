@@ -16,11 +16,12 @@ def test_the_inference_model_folds_batch_norms_and_keeps_outputs_and_layout(chan
     if channels_last:
         model.model.to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 96, 64)
+    deployed = inference_model(model)  # as predict and benchmark call it: with gradients on
     with torch.no_grad():
         expected = model.eval()(x)[0]
-        deployed = inference_model(model)
         got = deployed(x)[0]
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
+    assert all(p.grad_fn is None for p in deployed.parameters())  # plain tensors, no graph to the model's weights
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy: the model keeps its own
     convolutions = [m.weight for m in deployed.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) == channels_last for w in convolutions)
