@@ -152,6 +152,18 @@ def test_fit_bounded_only_by_steps_asks_for_epochs(synthetic_yaml, tmp_path):
                   "--trainer.default_root_dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--model.predict_conf_thres", "1.5", "--model.predict_conf_thres must lie between 0 and 1"),
+    ("--model.conf_thres", "-0.1", "--model.conf_thres must lie between 0 and 1"),
+    ("--model.iou_thres", "60", "--model.iou_thres must lie between 0 and 1"),
+    ("--model.max_det", "0", "--model.max_det must be at least 1"),
+])
+def test_nms_settings_out_of_range_are_named(synthetic_yaml, tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), option, value,
+                  "--trainer.default_root_dir", str(tmp_path)])
+
+
 def test_unknown_model_yaml_names_the_option(synthetic_yaml, tmp_path):
     with pytest.raises(ValueError, match="--model.model_cfg yolov5q.yaml.*yolov5n.yaml"):
         cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.model_cfg", "yolov5q.yaml",

@@ -34,6 +34,16 @@ def fitness(map50: float, map50_95: float) -> float:
     return 0.1 * map50 + 0.9 * map50_95
 
 
+def _check_nms_settings(hparams) -> None:
+    """Raise ConfigError, naming the option, for a threshold outside [0, 1] or fewer than one detection kept (NMS
+    would silently return nothing)."""
+    for name in ("conf_thres", "iou_thres", "predict_conf_thres", "predict_iou_thres"):
+        if not 0 <= hparams[name] <= 1:
+            raise ConfigError(f"--model.{name} must lie between 0 and 1 (a confidence or an IoU), got {hparams[name]}.")
+    if hparams.max_det < 1:
+        raise ConfigError(f"--model.max_det must be at least 1 (detections kept per image), got {hparams.max_det}.")
+
+
 class Detector(pl.LightningModule):
     """YOLOv5 detector with YOLOv5's training recipe and COCO-style validation.
 
@@ -67,6 +77,7 @@ class Detector(pl.LightningModule):
                  distill_weight: float = 1.0, channels_last: bool = True):
         super().__init__()
         self.save_hyperparameters()
+        _check_nms_settings(self.hparams)
         self.recipe = recipe
         self.names = list(names) if names else [str(i) for i in range(nc)]
         if len(self.names) != nc:
