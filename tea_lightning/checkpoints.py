@@ -15,7 +15,6 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
-from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tea_lightning.errors import CheckpointWriteError
@@ -124,8 +123,9 @@ class SaveOnInterrupt(Checkpoint):
         if self._received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # asked twice: stop now
         self._received = signum
-        then = "requeueing the SLURM job" if signum == self._requeue_signal else "Ctrl+C again to stop at once"
-        print(f"\n{signal.Signals(signum).name} received: stopping after this batch and saving the run ({then}).",
+        then = {self._requeue_signal: " (then requeueing the SLURM job)",
+                signal.SIGINT: " (Ctrl+C again to stop at once, without saving)"}.get(signum, "")
+        print(f"\n{signal.Signals(signum).name} received: stopping after this batch and saving the run{then}.",
               file=sys.stderr, flush=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -156,9 +156,9 @@ class SaveOnInterrupt(Checkpoint):
         path = run_dir(trainer) / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         cause = "Ctrl+C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
-        rank_zero_warn(f"Interrupted by {cause} at epoch {trainer.current_epoch}, after "
-                       f"{trainer.fit_loop.epoch_loop.batch_progress.current.completed} batches of it: the run "
-                       f"so far is saved in {path}. Continue it with:\n  {resume_command(path)}")
+        _tell(trainer, f"Interrupted by {cause} at epoch {trainer.current_epoch}, after "
+                       f"{trainer.fit_loop.epoch_loop.batch_progress.current.completed} batches of it: the run so far "
+                       f"is saved in {path}. Continue it with:\n  {resume_command(path)}")
 
     def _save_and_requeue(self, trainer) -> None:
         # the path (a private Lightning helper) and the requeue command are those of Lightning's own handler, so the
@@ -175,14 +175,21 @@ class SaveOnInterrupt(Checkpoint):
         except FileNotFoundError:
             requeued = None
         if requeued is not None and requeued.returncode == 0:
-            rank_zero_warn(f"SLURM's time-limit signal at epoch {trainer.current_epoch}: the run is saved in {path} "
+            _tell(trainer, f"SLURM's time-limit signal at epoch {trainer.current_epoch}: the run is saved in {path} "
                            f"and job {job} is requeued; it resumes from there by itself.")
         else:
             reason = "scontrol was not found" if requeued is None else requeued.stderr.strip() or requeued.returncode
-            rank_zero_warn(f"SLURM's time-limit signal: the run is saved in {path}, but `scontrol requeue {job}` "
+            _tell(trainer, f"SLURM's time-limit signal: the run is saved in {path}, but `scontrol requeue {job}` "
                            f"failed ({reason}). Submit the job again: it resumes from that checkpoint by itself.")
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
+
+
+def _tell(trainer, message: str) -> None:
+    """Print what happened to the run and what to do, once (rank 0), as plain text: a warning would print this
+    module's file and line before it."""
+    if trainer.is_global_zero:
+        print(message, file=sys.stderr, flush=True)

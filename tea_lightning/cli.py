@@ -17,13 +17,14 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger, WandbLogger  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_warn  # noqa: E402
-from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException  # noqa: E402
 
 from tea_lightning.checkpoints import SaveOnInterrupt  # noqa: E402
 from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
 from tea_lightning.errors import ConfigError, UserError  # noqa: E402
 from tea_lightning.model.amp_check import AmpCheck  # noqa: E402
 from tea_lightning.model.detector import Detector  # noqa: E402
+from tea_lightning.model.weights import check_tea_checkpoint  # noqa: E402
 from tea_lightning.model.speed import TrainingSpeed  # noqa: E402
 from tea_lightning.model.writer import DetectionWriter  # noqa: E402
 from tea_lightning.rundir import run_dir  # noqa: E402
@@ -39,6 +40,7 @@ warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` 
                         category=FutureWarning)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 def trainer_defaults() -> dict:
@@ -95,6 +97,11 @@ class TeaCLI(LightningCLI):
         super().parse_arguments(parser, args)  # runs before Lightning reads the checkpoint's hyperparameters
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         self.run_settings = {name: config.model[name] for name in RUN_SETTINGS}
+        ckpt_path = config.get("ckpt_path")
+        # Lightning reads the file next and ends in a traceback when it is missing, truncated or not one of ours;
+        # its keywords ("last", "best", "hpc", "registry...") and remote URLs are left to it
+        if ckpt_path and not ckpt_path.startswith(LIGHTNING_CKPT_KEYWORDS) and "://" not in ckpt_path:
+            check_tea_checkpoint(ckpt_path, "--ckpt_path")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.nc", "model.nc", apply_on="instantiate")
@@ -215,6 +222,8 @@ def demo(argv: list[str]) -> None:
     parser.add_argument("--out", default="demo", help="folder for the data set and the run (default: demo)")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     options = parser.parse_args(argv)
+    if options.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {options.epochs}.")
     out = Path(options.out)
     data_yaml = make_synthetic_dataset(out / "data", seed=0)
     print(f"Synthetic data set written to {data_yaml.parent}")
@@ -241,6 +250,8 @@ def demo_data(argv: list[str]) -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(argv)
+    if Path(options.out).exists() and not Path(options.out).is_dir():
+        raise ConfigError(f"{options.out} is a file: give a folder to write the data set to.")
     path = make_synthetic_dataset(options.out, n_train=options.n_train, n_val=options.n_val,
                                   image_size=options.image_size, seed=options.seed)
     print(f"Wrote {path}")
@@ -280,9 +291,10 @@ EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt, 
                   "sweep": sweep_main, "report": report_main, "benchmark": benchmark_main}
 
 
-def _user_error_in(err: BaseException | None) -> UserError | None:
-    """Return the UserError that `err` is or was raised from (jsonargparse wraps errors of callbacks' options)."""
-    while err is not None and not isinstance(err, UserError):
+def _user_error_in(err: BaseException | None) -> Exception | None:
+    """Return the UserError (or Lightning's MisconfigurationException: a trainer option that cannot work) that `err`
+    is or was raised from (jsonargparse wraps errors of callbacks' options)."""
+    while err is not None and not isinstance(err, (UserError, MisconfigurationException)):
         err = err.__cause__ or err.__context__
     return err
 

@@ -58,6 +58,11 @@ def test_missing_data_yaml(tmp_path):
     fails(fit_args(tmp_path / "nope.yaml", tmp_path), f"{tmp_path / 'nope.yaml'} does not exist", "--data.data_yaml")
 
 
+def test_data_yaml_that_is_a_folder(data, tmp_path, capsys):
+    fails(fit_args(data.parent, tmp_path), f"data yaml {data.parent} is a folder", "(data.yaml there)")
+    fails(["check-data", str(data.parent)], f"data yaml {data.parent} is a folder")
+
+
 def test_yaml_without_train_val_names(data, tmp_path):
     data.write_text("nc: 2\n")
     fails(fit_args(data, tmp_path), str(data), "lacks train, val, names")
@@ -76,6 +81,8 @@ def test_empty_image_folder(data, tmp_path):
 
 
 def test_broken_tiny_and_orphan_files_are_named_and_skipped(data, tmp_path, capsys):
+    import yolov5.models.yolo  # noqa: F401  imports ultralytics, which replaces PIL's Image.open (see labels.py)
+
     train = data.parent / "images" / "train"
     good = sorted(train.glob("*.jpg"))
     truncated = good[0].read_bytes()
@@ -86,12 +93,30 @@ def test_broken_tiny_and_orphan_files_are_named_and_skipped(data, tmp_path, caps
     orphan.write_text("0 0.5 0.5 0.2 0.2\n")
     out = check_data(data, capsys)
     assert f"{train / 'truncated.jpg'}: unreadable image, skipped" in out
-    assert f"{train / 'not_an_image.jpg'}: unreadable image, skipped" in out
+    assert f"{train / 'not_an_image.jpg'}: unreadable image, skipped (UnidentifiedImageError: cannot identify" in out
+    assert "pi_heif" not in out  # ultralytics' Image.open would try to pip-install pi-heif for it
     assert f"{train / 'one_pixel.png'}: image is 1x1 pixels, under 10 a side: skipped" in out
     assert f"{orphan}: label file without an image, ignored" in out
     assert "4 problem(s)" in out
     main(fit_args(data, tmp_path))  # training goes on with the good images
     assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_splits_listed_in_txt_files_sharing_one_folder_have_no_false_orphan_labels(data, capsys):
+    root = data.parent
+    for image in sorted((root / "images" / "val").glob("*.jpg")):  # one images/ and one labels/ folder for both
+        image.rename(root / "images" / "train" / image.name)
+        label = root / "labels" / "val" / f"{image.stem}.txt"
+        label.rename(root / "labels" / "train" / label.name)
+    images = sorted((root / "images" / "train").glob("*.jpg"))
+    (root / "train.txt").write_text("".join(f"images/train/{p.name}\n" for p in images if p.stem.startswith("train")))
+    (root / "val.txt").write_text("".join(f"images/train/{p.name}\n" for p in images if p.stem.startswith("val")))
+    data.write_text(yaml.safe_dump({**yaml.safe_load(data.read_text()), "train": "train.txt", "val": "val.txt"}))
+    orphan = root / "labels" / "train" / "renamed_image.txt"
+    orphan.write_text("0 0.5 0.5 0.2 0.2\n")
+    out = check_data(data, capsys)
+    flagged = [line for line in out.splitlines() if "label file without an image" in line]
+    assert flagged and all(str(orphan) in line for line in flagged), out  # each split names the real orphan only
 
 
 def test_bad_label_rows_are_named_with_file_and_line(data, capsys):
@@ -181,7 +206,23 @@ def test_class_count_of_data_and_checkpoint_differ(trained, synthetic_yaml, tmp_
     (tmp_path / "three.yaml").write_text(yaml.safe_dump(three))
     fails(["validate", *FAST, "--data.data_yaml", str(tmp_path / "three.yaml"), "--trainer.default_root_dir",
            str(tmp_path), "--ckpt_path", str(run / "checkpoints" / "best.ckpt")],
-          f"--ckpt_path {run / 'checkpoints' / 'best.ckpt'}: model.model.24.m.0.weight", "class count")
+          f"--ckpt_path {run / 'checkpoints' / 'best.ckpt'}: model.model.24.m.0.weight",
+          "the checkpoint detects 2 classes, this model 3")
+
+
+def test_ckpt_path_that_is_missing_broken_or_not_a_tea_lightning_checkpoint(trained, synthetic_yaml, tmp_path):
+    _, run = trained
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((run / "checkpoints" / "best.ckpt").read_bytes()[:300_000])
+    official = tmp_path / "official.pt"
+    torch.save({"model": None, "epoch": -1}, official)  # a YOLOv5 .pt's layout (its model pickled under "model")
+    for path, expected in [(tmp_path / "nope.ckpt", "does not exist"), (truncated, "could not be read"),
+                           (official, "official YOLOv5 .pt weights go to --model.weights"),
+                           (synthetic_yaml, "could not be read")]:
+        for command in ("validate", "predict", "fit"):
+            fails([command, *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.default_root_dir",
+                   str(tmp_path / "runs"), "--ckpt_path", str(path)], f"--ckpt_path {path}", expected)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
 
 
 def test_pruned_checkpoint_given_to_another_model_config(tmp_path, synthetic_yaml):
@@ -207,9 +248,30 @@ def test_bad_pruning_options(synthetic_yaml, tmp_path, options, expected):
                                                            *options], expected)
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--data.batch_size", "0"], "--data.batch_size must be at least 1 (got 0)"),
+    (["--data.workers", "-1"], "--data.workers at least 0 (got -1)"),
+    (["--trainer.max_epochs", "-3"], "max_epochs"),  # Lightning's own check, as one error line
+])
+def test_bad_numbers_for_batch_workers_and_epochs(synthetic_yaml, tmp_path, args, expected):
+    fails(fit_args(synthetic_yaml, tmp_path) + args, expected)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["demo", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["demo-data", "OUT", "--n-train", "0"], "n_train must be an integer >= 1, got 0"),
+    (["demo-data", "OUT", "--image-size", "20"], "image_size must be an integer >= 64"),
+])
+def test_bad_demo_options(tmp_path, args, expected):
+    fails([str(tmp_path / "out") if arg == "OUT" else arg for arg in args], expected)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.jpg"))
+
+
 def test_output_folder_that_cannot_be_written(synthetic_yaml, tmp_path):
     (tmp_path / "file").write_text("a file where the output folder should go")
     fails(fit_args(synthetic_yaml, tmp_path / "file" / "runs"), "--trainer.default_root_dir", "cannot be written")
+    fails(["demo-data", str(tmp_path / "file")], f"{tmp_path / 'file'} is a file: give a folder")
     read_only = Path("/sys/tea-lightning-runs")  # sysfs refuses new folders, even to root
     if not Path("/sys").is_dir():
         pytest.skip("no /sys on this machine")
@@ -232,7 +294,8 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_the_pruned_run(synthe
                           "--trainer.callbacks.batch", "1", "--trainer.callbacks.signum", str(int(signal.SIGTERM)))
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
-    assert "Interrupted by SIGTERM at epoch 1, after 2 batches" in stopped.stderr
+    assert "SIGTERM received: stopping after this batch and saving the run.\n" in stopped.stderr  # no Ctrl+C hint
+    assert "\nInterrupted by SIGTERM at epoch 1, after 2 batches" in stopped.stderr  # plain text, not a warning
     assert f"--ckpt_path {last}" in stopped.stderr  # the command that continues
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["epoch"] == 1 and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 2

@@ -16,6 +16,7 @@ from tea_lightning.data.labels import IMAGE_SUFFIXES, DataError, ImageRecord, Sp
     read_data_yaml, read_image_size
 from tea_lightning.data.sampler import WholeBatchSampler
 from tea_lightning.data.transforms import Augmentation
+from tea_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class YoloDataModule(pl.LightningDataModule):
         super().__init__()
         if img_size % 32:
             raise DataError(f"--data.img_size {img_size} must be a multiple of 32 (the model's largest stride).")
+        if batch_size < 1 or workers < 0:
+            raise ConfigError(f"--data.batch_size must be at least 1 (got {batch_size}) and --data.workers at least 0 "
+                              f"(got {workers}).")
         self.spec = read_data_yaml(data_yaml)
         self.img_size, self.batch_size, self.workers = img_size, batch_size, workers
         self.augmentation = augmentation

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import pickle
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,10 @@ class SplitIndex:
 def read_data_yaml(path: str | Path) -> DataSpec:
     """Return the splits and names of a YOLO `data.yaml`; paths are relative to its folder or to `path:`."""
     yaml_path = Path(os.path.abspath(Path(path).expanduser()))
+    if yaml_path.is_dir():
+        inside = sorted(yaml_path.glob("*.yaml"))
+        hint = f" ({', '.join(p.name for p in inside)} there)" if inside else ""
+        raise DataError(f"data yaml {yaml_path} is a folder: pass the path of its YOLO data.yaml{hint}.")
     if not yaml_path.is_file():
         raise DataError(f"data yaml {yaml_path} does not exist: pass the path of a YOLO data.yaml (--data.data_yaml).")
     try:
@@ -229,17 +234,34 @@ def read_image_size(path: Path) -> tuple[int, int]:
     files, and then the loaders' own (OpenCV), whose size is the one labels must fit; the two disagree on some
     files' orientation (TIFF, orientation stored only in XMP), and some files only PIL can read.
     """
-    with Image.open(path) as image:
+    with _pil_open(path) as image:
         image.load()
     return read_rgb(path).shape[:2]
 
 
+def _pil_open(path: Path) -> Image.Image:
+    """Pillow's own Image.open. The yolov5 package imports ultralytics, which replaces Image.open with one that, on a
+    file Pillow cannot identify, tries to pip-install pi-heif and then fails with "No module named 'pi_heif'"
+    instead of "cannot identify image file"; ultralytics keeps the original as `_image_open`."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open)(path)
+
+
 def orphan_labels(images: list[Path]) -> list[Path]:
-    """Return the label files in the images' label folders that belong to no image (often a renamed image)."""
-    expected = {label_path_for(image) for image in images}
-    folders = {label.parent for label in expected}
-    return sorted(label for folder in folders if folder.is_dir() for label in folder.glob("*.txt")
-                  if label not in expected)
+    """Return the label files in the images' label folders that belong to no image file (often a renamed image).
+
+    Any image beside the split's counts, not only the split's own: splits given as .txt lists share one folder.
+    A label folder that is the image folder itself (no `images/` in the path) holds other .txt files too (such
+    lists): it is not searched.
+    """
+    folders = {label_path_for(image).parent: image.parent for image in images}
+    orphans = []
+    for label_folder, image_folder in folders.items():
+        if label_folder == image_folder or not label_folder.is_dir():
+            continue
+        stems = {path.stem for path in image_folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES}
+        orphans += [label for label in label_folder.glob("*.txt") if label.stem not in stems]
+    return sorted(orphans)
 
 
 def scan_split(images: list[Path], nc: int, orphans: list[Path]) -> SplitIndex:

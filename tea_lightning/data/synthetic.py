@@ -8,6 +8,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from tea_lightning.errors import ConfigError
+
 CLASS_NAMES = ("bud", "leaf", "class_2", "class_3")
 # BGR fill colours, chosen far apart from each other and from the brown/olive background.
 _COLOURS = ((110, 235, 170), (30, 125, 20), (225, 210, 245), (75, 30, 150))
@@ -143,10 +145,10 @@ def _label_line(cls: int, poly: np.ndarray, size: int, label_format: str) -> str
 
 
 def _check(name: str, value: int, lo: int, hi: int | None = None) -> None:
-    """Raise ValueError naming the argument unless value is an integer in [lo, hi]."""
+    """Raise ConfigError (a ValueError) naming the argument unless value is an integer in [lo, hi]."""
     if not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
         upper = f" and <= {hi}" if hi is not None else ""
-        raise ValueError(f"{name} must be an integer >= {lo}{upper}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {lo}{upper}, got {value!r}")
 
 
 def make_synthetic_dataset(
@@ -167,7 +169,7 @@ def make_synthetic_dataset(
     _check("max_objects", max_objects, 1)
     _check("seed", seed, 0)
     if label_format not in ("polygon", "box"):
-        raise ValueError(f"label_format must be 'polygon' or 'box', got {label_format!r}")
+        raise ConfigError(f"label_format must be 'polygon' or 'box', got {label_format!r}")
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):

@@ -127,7 +127,8 @@ def _tea_hyperparameters(checkpoint, path: str | Path, option: str) -> dict:
     hparams = checkpoint.get("hyper_parameters", {}) if _is_lightning_checkpoint(checkpoint) else {}
     if "model_cfg" not in hparams or "nc" not in hparams:
         raise ModelConfigError(f"{option} {path} is not a checkpoint written by tea-lightning fit (a Lightning .ckpt "
-                               "with tea-lightning's model_cfg and nc hyperparameters).")
+                               "with tea-lightning's model_cfg and nc hyperparameters); official YOLOv5 .pt weights "
+                               "go to --model.weights.")
     return hparams
 
 

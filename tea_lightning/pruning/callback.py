@@ -52,6 +52,9 @@ class ChannelPruning(pl.Callback):
             raise ConfigError(f"--trainer.callbacks.schedule must list increasing epochs >= 0, got {list(schedule)}.")
         if sparsity < 0:
             raise ConfigError(f"--trainer.callbacks.sparsity must be >= 0, got {sparsity}.")
+        if sparsity and schedule[-1] == 0:
+            raise ConfigError(f"--trainer.callbacks.sparsity {sparsity} acts in the epochs before the last pruning "
+                              "step, and schedule [0] leaves none: prune later (e.g. schedule [5]) or set sparsity 0.")
         # checked here, not at the first pruning step, which may come after hours of training
         check_options(round_to, max_layer_ratio, prefix="--trainer.callbacks.")
         make_importance(importance)

@@ -46,12 +46,13 @@ def _resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], pr
     current = model.state_dict()
     _check_same_keys(current, stored, prefix)
     modules = dict(model.named_modules())
-    fixed_outputs = {id(conv) for conv in detect_output_convs(model)}
+    output_anchors = _output_anchors(model)
     plan: dict[str, nn.Module] = {}
     for key, tensor in current.items():
         if tensor.shape != stored[key].shape:
             owner = key.rpartition(".")[0]
-            _check_resizable(modules[owner], id(modules[owner]) in fixed_outputs, prefix + key, tensor, stored[key])
+            _check_resizable(modules[owner], output_anchors.get(id(modules[owner])), prefix + key, tensor,
+                             stored[key])
             plan[owner] = modules[owner]
     for owner, module in plan.items():
         _resize(module, {name: stored[f"{owner}.{name}"] for name in module.state_dict()})
@@ -73,20 +74,29 @@ def _check_same_keys(current: Mapping[str, Tensor], stored: Mapping[str, Tensor]
                                 f"is not in the model ({len(unexpected)} unexpected in all): {_RETRAIN_HINT}.")
 
 
-def _check_resizable(module: nn.Module, fixed_output: bool, key: str, current: Tensor, stored: Tensor) -> None:
-    """Raise StructureMismatch unless pruning could have turned `current` into `stored`."""
+def _output_anchors(model: nn.Module) -> dict[int, int]:
+    """Return the anchors per position (na) of every Detect output convolution of `model`, by the conv's id."""
+    from yolov5.models.yolo import Detect
+
+    return {id(conv): module.na for module in model.modules() if isinstance(module, Detect) for conv in module.m}
+
+
+def _check_resizable(module: nn.Module, anchors: int | None, key: str, current: Tensor, stored: Tensor) -> None:
+    """Raise StructureMismatch unless pruning could have turned `current` into `stored`; `anchors` is na for a Detect
+    output convolution (whose na*(nc+5) channels are never pruned), else None."""
     shapes = f"{key}: the model has {_shape(current)}, the checkpoint {_shape(stored)}"
     if current.ndim != stored.ndim:
         raise StructureMismatch(f"{shapes} (different numbers of dimensions): {_RETRAIN_HINT}.")
     if not isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
         raise StructureMismatch(f"{shapes}, but only Conv2d and BatchNorm2d layers are pruned, not "
                                 f"{type(module).__name__}: {_RETRAIN_HINT}.")
+    if anchors and stored.shape[0] != current.shape[0]:
+        raise StructureMismatch(f"{shapes}: the checkpoint detects {stored.shape[0] // anchors - 5} classes, this "
+                                f"model {current.shape[0] // anchors - 5} (the data set's). The detection head is "
+                                "never pruned: use the data set the checkpoint was trained with.")
     # Pruning only removes channels: a larger stored tensor comes from a wider model.
     if any(s > c for s, c in zip(stored.shape, current.shape)):
         raise StructureMismatch(f"{shapes}, which is larger, so it was not pruned from this model: {_RETRAIN_HINT}.")
-    if fixed_output and stored.shape[0] != current.shape[0]:
-        raise StructureMismatch(f"{shapes}; the detection head's outputs are na*(nc+5) and never pruned, so the "
-                                f"checkpoint was trained with another class count: use the nc it was trained with.")
     if isinstance(module, nn.Conv2d):
         _check_conv(module, shapes, stored)
 

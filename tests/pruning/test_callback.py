@@ -198,6 +198,12 @@ def test_sparsity_penalty_acts_on_every_step_before_the_last_pruning_step_only(s
     assert min(calls) > count_parameters(cli.model.model)  # all on the unpruned model
 
 
+def test_sparsity_needs_epochs_before_the_last_pruning_step():
+    with pytest.raises(ValueError, match=r"sparsity 0.01 acts in the epochs before the last pruning step"):
+        ChannelPruning(sparsity=0.01, schedule=[0])  # it would never act
+    assert ChannelPruning(sparsity=0.01, schedule=[0, 3]).sparsity == 0.01
+
+
 @pytest.mark.parametrize("option, value, expected", [
     ("pruning_ratio", "0", "between 0 and 1"), ("pruning_ratio", "1.0", "between 0 and 1"),
     ("schedule", "[5]", "schedule has epoch 5"), ("sparsity", "-0.1", "sparsity must be >= 0"),

@@ -60,9 +60,10 @@ def test_a_wider_model_is_refused():
 
 def test_another_class_count_is_refused(pruned):
     assert_refused(build_model("yolov5n.yaml", nc=80), pruned.state_dict(),
-                   r"model\.24\.m\.0\.weight: the model has \(255, .*\(27, .*class count")
+                   r"model\.24\.m\.0\.weight: the model has \(255, .*\(27, .*"
+                   r"the checkpoint detects 4 classes, this model 80")
     assert_refused(build_model("yolov5n.yaml", nc=NC), build_model("yolov5n.yaml", nc=80).state_dict(),
-                   r"model\.24\.m\.0\.weight.*\(255, .*class count")
+                   r"model\.24\.m\.0\.weight.*\(255, .*the checkpoint detects 80 classes, this model 4")
 
 
 def test_missing_unexpected_and_reshaped_keys_are_refused(pruned):
