@@ -126,6 +126,10 @@ def read_data_yaml(path: str | Path) -> DataSpec:
         raise DataError(f"{yaml_path}: names must be a list of class names (names: [bud, leaf]) or a mapping from "
                         f"class id to name, got {content['names']!r}.")
     names = [str(n) for n in names]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # they name the per-class metrics and plots, which would mix the classes up
+        raise DataError(f"{yaml_path}: names lists {', '.join(map(repr, repeated))} more than once; give every class "
+                        "its own name.")
     if "nc" in content and str(content["nc"]) != str(len(names)):
         raise DataError(f"{yaml_path}: nc is {content['nc']} but names lists {len(names)} classes; make them agree.")
     # Absolute paths without resolving symbolic links: a linked images folder must keep its `images` name, which

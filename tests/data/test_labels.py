@@ -92,6 +92,7 @@ def test_yaml_paths_are_relative_to_the_yaml_or_to_path(tmp_path):
     ("- just a list\n", "must be a mapping"),
     ("train: t\nval: v\nnames: bud\n", "names must be a list"),
     ("train: t\nval: v\nnames: [a]\nnc: one\n", "nc is one"),
+    ("train: t\nval: v\nnames: [bud, leaf, bud]\n", "names lists 'bud' more than once"),
 ])
 def test_bad_yaml_names_the_file_and_the_problem(tmp_path, content, expected):
     path = write(tmp_path / "data.yaml", content)
