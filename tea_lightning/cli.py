@@ -24,8 +24,8 @@ from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
 from tea_lightning.errors import ConfigError, UserError  # noqa: E402
 from tea_lightning.model.amp_check import AmpCheck  # noqa: E402
 from tea_lightning.model.detector import Detector  # noqa: E402
-from tea_lightning.model.weights import check_tea_checkpoint  # noqa: E402
 from tea_lightning.model.speed import TrainingSpeed  # noqa: E402
+from tea_lightning.model.weights import check_tea_checkpoint  # noqa: E402
 from tea_lightning.model.writer import DetectionWriter  # noqa: E402
 from tea_lightning.rundir import run_dir  # noqa: E402
 from tea_lightning.study.benchmark import benchmark_main  # noqa: E402
@@ -40,7 +40,7 @@ warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` 
                         category=FutureWarning)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc")  # --ckpt_path values that Lightning resolves itself
 
 
 def trainer_defaults() -> dict:
@@ -99,8 +99,9 @@ class TeaCLI(LightningCLI):
         self.run_settings = {name: config.model[name] for name in RUN_SETTINGS}
         ckpt_path = config.get("ckpt_path")
         # Lightning reads the file next and ends in a traceback when it is missing, truncated or not one of ours;
-        # its keywords ("last", "best", "hpc", "registry...") and remote URLs are left to it
-        if ckpt_path and not ckpt_path.startswith(LIGHTNING_CKPT_KEYWORDS) and "://" not in ckpt_path:
+        # its keywords, model registry names and remote URLs are left to it
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not ckpt_path.startswith("registry") \
+                and "://" not in ckpt_path:
             check_tea_checkpoint(ckpt_path, "--ckpt_path")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

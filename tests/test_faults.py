@@ -210,13 +210,16 @@ def test_class_count_of_data_and_checkpoint_differ(trained, synthetic_yaml, tmp_
           "the checkpoint detects 2 classes, this model 3")
 
 
-def test_ckpt_path_that_is_missing_broken_or_not_a_tea_lightning_checkpoint(trained, synthetic_yaml, tmp_path):
+def test_ckpt_path_that_is_missing_broken_or_not_a_tea_lightning_checkpoint(trained, synthetic_yaml, tmp_path,
+                                                                           monkeypatch):
     _, run = trained
+    monkeypatch.chdir(tmp_path)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes((run / "checkpoints" / "best.ckpt").read_bytes()[:300_000])
     official = tmp_path / "official.pt"
     torch.save({"model": None, "epoch": -1}, official)  # a YOLOv5 .pt's layout (its model pickled under "model")
     for path, expected in [(tmp_path / "nope.ckpt", "does not exist"), (truncated, "could not be read"),
+                           (Path("last.ckpt"), "does not exist"),  # a file's name, not Lightning's keyword "last"
                            (official, "official YOLOv5 .pt weights go to --model.weights"),
                            (synthetic_yaml, "could not be read")]:
         for command in ("validate", "predict", "fit"):
