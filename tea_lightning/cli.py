@@ -251,8 +251,6 @@ def demo_data(argv: list[str]) -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(argv)
-    if Path(options.out).exists() and not Path(options.out).is_dir():
-        raise ConfigError(f"{options.out} is a file: give a folder to write the data set to.")
     path = make_synthetic_dataset(options.out, n_train=options.n_train, n_val=options.n_val,
                                   image_size=options.image_size, seed=options.seed)
     print(f"Wrote {path}")

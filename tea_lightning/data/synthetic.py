@@ -171,6 +171,8 @@ def make_synthetic_dataset(
     if label_format not in ("polygon", "box"):
         raise ConfigError(f"label_format must be 'polygon' or 'box', got {label_format!r}")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is a file: give a folder to write the data set to.")
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         image_dir, label_dir = root / "images" / split, root / "labels" / split
