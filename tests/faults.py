@@ -8,16 +8,20 @@ from pytorch_lightning import Callback
 
 class SignalAt(Callback):
     """Sends `signum` to this process after training batch `batch` of epoch `epoch` (15: SIGTERM, 9: kill -9); with
-    `rank`, only the process of that global rank does (under DDP: `kill` of one process, as a user would)."""
+    `rank`, only the process of that global rank does (under DDP: `kill` of one process, as a user would); with
+    `group`, to its whole process group, loader workers included (`kill -- -PGID`, `timeout`, SLURM, systemd)."""
 
-    def __init__(self, epoch: int, batch: int, signum: int, rank: int | None = None):
-        self.epoch, self.batch, self.signum, self.rank = epoch, batch, signum, rank
+    def __init__(self, epoch: int, batch: int, signum: int, rank: int | None = None, group: bool = False):
+        self.epoch, self.batch, self.signum, self.rank, self.group = epoch, batch, signum, rank, group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.rank not in (None, trainer.global_rank):
             return
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
-            os.kill(os.getpid(), self.signum)
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
 
 
 class PoisonWeights(Callback):

@@ -283,8 +283,9 @@ def test_output_folder_that_cannot_be_written(synthetic_yaml, tmp_path):
 
 # ---- runtime ------------------------------------------------------------------------------------------------------
 def run_command(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # a process group of its own, so that a signal to the run's group never reaches pytest
     return subprocess.run([sys.executable, "-m", "tea_lightning.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT, env=env)
+                          timeout=600, cwd=ROOT, env=env, start_new_session=True)
 
 
 PRUNE_AT_0 = ["--trainer.callbacks+=tea_lightning.ChannelPruning", "--trainer.callbacks.pruning_ratio", "0.3",
@@ -319,6 +320,22 @@ def test_ctrl_c_stops_after_the_batch_with_a_checkpoint(synthetic_yaml, tmp_path
                           "--trainer.callbacks.signum", str(int(signal.SIGINT)))
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     assert "Interrupted by Ctrl+C at epoch 1, after 1 batches" in stopped.stderr
+    saved = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_spares_the_loader_workers(synthetic_yaml, tmp_path, signum):
+    # `timeout`, `kill -- -PGID`, SLURM and systemd signal the workers too; one killed by it ended the run in a
+    # DataLoader traceback, before the checkpoint was written
+    stopped = run_command(*fit_args(synthetic_yaml, tmp_path, epochs=2), "--data.workers", "2",
+                          "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "1",
+                          "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signum)),
+                          "--trainer.callbacks.group", "true")
+    assert stopped.returncode == (143 if signum == signal.SIGTERM else 1), stopped.stderr[-3000:]
+    assert "DataLoader worker" not in stopped.stderr
+    cause = "SIGTERM" if signum == signal.SIGTERM else "Ctrl+C"
+    assert f"Interrupted by {cause} at epoch 1, after 1 batches" in stopped.stderr
     saved = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
 

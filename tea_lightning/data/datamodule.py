@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import cv2
@@ -24,6 +25,13 @@ log = logging.getLogger(__name__)
 def _worker_init(_: int) -> None:
     # OpenCV's own threads would fight the loader processes and the model for the same few cores.
     cv2.setNumThreads(0)
+    # Whether to stop is the training process's decision (SaveOnInterrupt stops after the batch and saves): `kill` of
+    # the process group, `timeout`, systemd and SLURM signal every process of the job, and a worker killed by the
+    # signal ended the run in a DataLoader traceback before anything was saved. A worker whose training process is
+    # gone still exits (PyTorch's loader workers watch their parent).
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):  # SIGUSR1: SLURM's time-limit warning
+        if hasattr(signal, name):  # Windows has no SIGUSR1
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class YoloDataModule(pl.LightningDataModule):
