@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import pydoc
 import sys
 import tempfile
 import warnings
@@ -27,6 +28,7 @@ from tea_lightning.model.detector import Detector  # noqa: E402
 from tea_lightning.model.speed import TrainingSpeed  # noqa: E402
 from tea_lightning.model.weights import check_tea_checkpoint  # noqa: E402
 from tea_lightning.model.writer import DetectionWriter  # noqa: E402
+from tea_lightning.pruning.callback import ChannelPruning, check_resumed_with_pruning  # noqa: E402
 from tea_lightning.rundir import run_dir  # noqa: E402
 from tea_lightning.study.benchmark import benchmark_main  # noqa: E402
 from tea_lightning.study.report import report_main  # noqa: E402
@@ -102,7 +104,9 @@ class TeaCLI(LightningCLI):
         # its keywords, model registry names and remote URLs are left to it
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not ckpt_path.startswith("registry") \
                 and "://" not in ckpt_path:
-            check_tea_checkpoint(ckpt_path, "--ckpt_path")
+            checkpoint = check_tea_checkpoint(ckpt_path, "--ckpt_path")
+            if self.config.get("subcommand") == "fit":  # here, before the run folder and the W&B run are made
+                check_resumed_with_pruning(checkpoint, _configures_pruning(config.trainer.callbacks), ckpt_path)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.nc", "model.nc", apply_on="instantiate")
@@ -171,6 +175,12 @@ def _check_writable(folder: Path) -> None:
     except OSError as err:
         raise ConfigError(f"--trainer.default_root_dir {folder} cannot be written to ({err.strerror or err}): give "
                           "a writable folder for checkpoints, plots and logs.") from err
+
+
+def _configures_pruning(callbacks: list | None) -> bool:
+    """Return whether the parsed `--trainer.callbacks` include ChannelPruning (or a subclass)."""
+    classes = [pydoc.locate(callback.class_path) for callback in callbacks or [] if "class_path" in callback]
+    return any(isinstance(cls, type) and issubclass(cls, ChannelPruning) for cls in classes)
 
 
 def _continue_in_run_folder(logger, checkpoint: Path) -> None:

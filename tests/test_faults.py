@@ -324,6 +324,16 @@ def test_ctrl_c_stops_after_the_batch_with_a_checkpoint(synthetic_yaml, tmp_path
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
 
 
+def test_resuming_a_pruned_fit_without_the_pruning_callback_is_refused(synthetic_yaml, tmp_path):
+    # its checkpoints would lose the pruning state, and a resume of them with the callback pruned the model again
+    main([*fit_args(synthetic_yaml, tmp_path), *PRUNE_AT_0])
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    fails([*fit_args(synthetic_yaml, tmp_path, epochs=2), "--ckpt_path", str(last)],
+          f"--ckpt_path {last} comes from a fit that pruned with ChannelPruning (1 step(s) done)",
+          "Resume with the same --trainer.callbacks options", f"--model.weights {last}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["version_0"]  # no run folder left behind
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_the_process_group_spares_the_loader_workers(synthetic_yaml, tmp_path, signum):
     # `timeout`, `kill -- -PGID`, SLURM and systemd signal the workers too; one killed by it ended the run in a

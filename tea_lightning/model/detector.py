@@ -21,6 +21,7 @@ from tea_lightning.model.recipe import ExponentialMovingAverage, Recipe, apply_s
     warmup_iterations
 from tea_lightning.model.weights import build_model, check_tea_checkpoint, inference_model, read_model, \
     read_weights, set_layer_memory_format, transfer_weights
+from tea_lightning.pruning.callback import ChannelPruning, check_resumed_with_pruning
 from tea_lightning.pruning.structure import StructureMismatch, resize_to_state_dict
 from tea_lightning.rundir import run_dir
 
@@ -371,6 +372,9 @@ class Detector(pl.LightningModule):
                              source=f"--ckpt_path {ckpt_path}" if ckpt_path else "")
         self.apply_memory_format()
         self.last_optimizer_step = checkpoint.get("last_optimizer_step", -1)
+        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:  # the CLI checked it earlier
+            check_resumed_with_pruning(checkpoint, any(isinstance(c, ChannelPruning) for c in self._trainer.callbacks),
+                                       ckpt_path)
         if self._trainer is not None and self._trainer.state.fn != TrainerFn.FITTING and "callbacks" in checkpoint:
             # validate/test/predict leave the fit's checkpoint callbacks out on purpose (TeaCLI), and Lightning would
             # ask for them to be added; the callbacks of this run (ChannelPruning: is it pruned?) keep their state.

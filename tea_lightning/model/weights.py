@@ -132,9 +132,12 @@ def _tea_hyperparameters(checkpoint, path: str | Path, option: str) -> dict:
     return hparams
 
 
-def check_tea_checkpoint(path: str | Path, option: str) -> None:
-    """Raise an error that names the file and the option unless `path` is a tea-lightning .ckpt."""
-    _tea_hyperparameters(_load(path, option), path, option)
+def check_tea_checkpoint(path: str | Path, option: str) -> dict:
+    """Return the checkpoint at `path`; raise an error that names the file and the option unless it is a
+    tea-lightning .ckpt."""
+    checkpoint = _load(path, option)
+    _tea_hyperparameters(checkpoint, path, option)
+    return checkpoint
 
 
 def _model_weights(checkpoint) -> dict[str, torch.Tensor]:

@@ -184,6 +184,25 @@ class ChannelPruning(pl.Callback):
                 callback.follow_structure(pl_module)
 
 
+def check_resumed_with_pruning(checkpoint: dict, pruning: bool, path: str) -> None:
+    """Raise ConfigError when `fit` resumes from `checkpoint` (read from `path`), into which ChannelPruning wrote its
+    state, without that callback (`pruning` False).
+
+    The state (steps done, the unpruned channel counts) lives only in the callback's entry of the checkpoint. A fit
+    resumed without the callback would skip the steps still scheduled without a word and write checkpoints without
+    it; a later resume with the callback would then prune the pruned model again, as if no step had run.
+    """
+    state = checkpoint.get("callbacks", {}).get(ChannelPruning.__qualname__)
+    if state is None or pruning:
+        return
+    raise ConfigError(
+        f"--ckpt_path {path} comes from a fit that pruned with ChannelPruning ({state['steps_done']} step(s) done), "
+        "and this fit has no ChannelPruning callback: its checkpoints would lose what was pruned, so that resuming "
+        "one with the callback would prune again, and steps still scheduled would not run. Resume with the same "
+        "--trainer.callbacks options (the run's config.yaml has them: --config it), or start a new fit from the "
+        f"pruned weights with --model.weights {path}.")
+
+
 def _restart_best_checkpoint(trainer: pl.Trainer) -> None:
     """Make best.ckpt the best model of the architecture trained from now on.
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 
-from tea_lightning.cli import cli_main
+from tea_lightning.cli import TeaCLI, cli_main, trainer_defaults
+from tea_lightning.data.datamodule import YoloDataModule
+from tea_lightning.errors import ConfigError
 from tea_lightning.model.complexity import count_parameters
 from tea_lightning.model.detector import Detector
 from tea_lightning.model.recipe import ExponentialMovingAverage
@@ -106,6 +108,17 @@ def test_resume_after_a_pruning_step_does_not_prune_again(pruned_run, synthetic_
     assert resumed.trainer.current_epoch == 10
     assert count_parameters(resumed.model.model) == params
     assert pruning_callback(resumed).steps_done == 1
+
+
+def test_library_resume_of_a_pruned_checkpoint_without_the_callback_is_refused(pruned_run, synthetic_yaml, tmp_path):
+    # the CLI refuses it before any run folder exists (tests/test_faults.py); Trainer.fit from Python gets the same
+    _, run, _ = pruned_run
+    last = run / "checkpoints" / "last.ckpt"
+    cli = TeaCLI(Detector, YoloDataModule, trainer_defaults=trainer_defaults(), auto_configure_optimizers=False,
+                 run=False, args=[*FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.max_epochs", "10",
+                                  "--trainer.default_root_dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="comes from a fit that pruned with ChannelPruning"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last))
 
 
 def test_iterative_steps_end_with_the_architecture_of_one_step(synthetic_yaml, tmp_path):
