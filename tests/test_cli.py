@@ -4,6 +4,7 @@ predict writes images and labels, and bad options fail clearly."""
 import csv
 import time
 
+import cv2
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -129,6 +130,27 @@ def test_predict_keeps_subfolders_so_same_named_images_do_not_collide(trained, s
     (out,) = (tmp_path / "out").glob("version_*/predictions")
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.*")) == [
         "images/cam1/0001.jpg", "images/cam2/0001.jpg", "labels/cam1/0001.txt", "labels/cam2/0001.txt"]
+
+
+def test_predict_keeps_apart_images_that_differ_only_in_extension_and_counts_the_boxes(trained, synthetic_yaml,
+                                                                                         tmp_path, caplog):
+    _, run = trained
+    source = tmp_path / "field"
+    source.mkdir()
+    first, second = sorted((synthetic_yaml.parent / "images" / "val").glob("*.jpg"))[:2]
+    (source / "a.jpg").write_bytes(first.read_bytes())
+    cv2.imwrite(str(source / "a.png"), cv2.imread(str(second)))
+    with pytest.warns(UserWarning, match=r"a\.jpg and .*a\.png share the label name a\.txt: the labels of a\.png are "
+                                         r"written to a_png\.txt"):
+        cli_main(["predict", *FAST, "--data.data_yaml", str(synthetic_yaml), "--data.predict_source", str(source),
+                  "--model.predict_conf_thres", "0.01", "--trainer.default_root_dir", str(tmp_path / "out"),
+                  "--ckpt_path", str(run / "checkpoints" / "best.ckpt")])
+    (out,) = (tmp_path / "out").glob("version_*/predictions")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.*")) == [
+        "images/a.jpg", "images/a.png", "labels/a.txt", "labels/a_png.txt"]
+    boxes = [int(line.split()[0]) for f in (out / "labels").glob("*.txt") for line in f.read_text().splitlines()]
+    found = ", ".join(f"{boxes.count(c)} {name}" for c, name in enumerate(["bud", "leaf"]) if c in boxes)
+    assert f"Predicted 2 image(s): {len(boxes)} box(es) ({found}) at confidence >= 0.01" in caplog.text
 
 
 def test_validate_with_official_weights_and_no_training(synthetic_yaml, tmp_path):
