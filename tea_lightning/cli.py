@@ -268,14 +268,20 @@ def demo_data(argv: list[str]) -> None:
 
 def export_pt(argv: list[str]) -> None:
     """Write a checkpoint's (EMA) model as a YOLOv5 .pt that YOLOv5's own detect.py/val.py/export.py load."""
+    from tea_lightning.model.complexity import count_parameters
     from tea_lightning.model.weights import save_yolov5_checkpoint
 
     parser = argparse.ArgumentParser(prog="tea-lightning export-pt", description=export_pt.__doc__)
     parser.add_argument("checkpoint", help="a tea-lightning .ckpt (pruned or not)")
     parser.add_argument("output", help="the .pt file to write")
     options = parser.parse_args(argv)
+    if Path(options.output).is_dir():
+        raise ConfigError(f"{options.output} is a folder: give the path of the .pt file to write, e.g. "
+                          f"{Path(options.output) / (Path(options.checkpoint).stem + '.pt')}.")
     detector = Detector.from_checkpoint(options.checkpoint)
-    print(f"Wrote {save_yolov5_checkpoint(detector.model, detector.names, options.output)}")
+    path = save_yolov5_checkpoint(detector.model, detector.names, options.output)
+    print(f"Wrote {path}: {count_parameters(detector.model):,} parameters, classes {detector.names}, float16 weights "
+          "(YOLOv5's format: its detect.py, val.py and export.py load it)")
 
 
 def check_data(argv: list[str]) -> None:

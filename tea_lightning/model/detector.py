@@ -52,7 +52,8 @@ class Detector(pl.LightningModule):
         model_cfg: a YOLOv5 model yaml: yolov5n.yaml, yolov5s.yaml, yolov5m.yaml (from the yolov5 package) or a path.
         nc: number of classes (linked from the data module by the CLI).
         names: class names (linked from the data module by the CLI).
-        weights: an official YOLOv5 `.pt` whose matching tensors initialise the model.
+        weights: weights that initialise the model: an official YOLOv5 `.pt` (every tensor whose name and shape
+            match), a tea-lightning `.ckpt` or what `export-pt` wrote (pruned ones keep their architecture).
         img_size: training image size (linked from the data module); scales the objectness gain.
         batch_size: images per batch and process (linked from the data module); sets accumulation.
         recipe: optimisation and loss hyperparameters (YOLOv5 defaults).

@@ -174,6 +174,15 @@ def read_model(path: str | Path, option: str) -> nn.Module:
     return model
 
 
+def saved_img_size(path: str | Path, option: str) -> int:
+    """Return the image size a tea-lightning `.ckpt` was trained at, or YOLOv5's default 640 for a YOLOv5 `.pt`
+    (which records none)."""
+    checkpoint = _load(path, option)
+    if not _is_lightning_checkpoint(checkpoint):
+        return 640
+    return _tea_hyperparameters(checkpoint, path, option)["img_size"]
+
+
 def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Copy every tensor whose name and shape match into `model`; return (transferred, total) counts."""
     target = model.state_dict()

@@ -39,10 +39,11 @@ def measure(model: nn.Module, img_size: int, onnx_path: Path | None, runs: int =
 
 def benchmark_main(argv: list[str]) -> None:
     """Measure a checkpoint's batch-1 and batch-N CPU latency in PyTorch and ONNX Runtime (and export it to ONNX)."""
-    from tea_lightning.model.detector import Detector
+    from tea_lightning.model.weights import read_model, saved_img_size, set_layer_memory_format
 
     parser = argparse.ArgumentParser(prog="tea-lightning benchmark", description=benchmark_main.__doc__)
-    parser.add_argument("checkpoint", type=Path, help="a tea-lightning .ckpt, pruned or not")
+    parser.add_argument("checkpoint", type=Path, help="a tea-lightning .ckpt or a YOLOv5 .pt (official weights, or "
+                        "what export-pt wrote), pruned or not")
     parser.add_argument("--img", type=int, default=None, help="image size (default: the checkpoint's)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per figure; the median is reported")
@@ -56,15 +57,16 @@ def benchmark_main(argv: list[str]) -> None:
         raise ConfigError("--runs and --batch must be at least 1 and --warmup at least 0.")
     if options.threads:
         torch.set_num_threads(options.threads)
-    detector = Detector.from_checkpoint(options.checkpoint)
-    img = options.img or detector.hparams.img_size
+    model = read_model(options.checkpoint, "checkpoint")  # a tea-lightning .ckpt or a YOLOv5 .pt (official, export-pt)
+    set_layer_memory_format(model, torch.channels_last)  # the layout predict runs in (--model.channels_last default)
+    img = options.img or saved_img_size(options.checkpoint, "checkpoint")
     if img % 32:
         raise ConfigError(f"--img must be a multiple of 32, got {img}.")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = options.onnx or Path(tmp) / "model.onnx"
-        results = latencies(detector.model, img, options.batch, onnx_path, options.runs, options.warmup)
-    print(f"{options.checkpoint}: {count_parameters(detector.model):,} parameters, "
-          f"{gflops(detector.model, img):.2f} GFLOPs at {img}x{img}; CPU, {torch.get_num_threads()} threads, "
+        results = latencies(model, img, options.batch, onnx_path, options.runs, options.warmup)
+    print(f"{options.checkpoint}: {count_parameters(model):,} parameters, "
+          f"{gflops(model, img):.2f} GFLOPs at {img}x{img}; CPU, {torch.get_num_threads()} threads, "
           f"median of {options.runs} runs after {options.warmup} warm-up runs")
     print("| backend | batch | median ms | p90 ms | ms per image |\n|---|---|---|---|---|")
     for lat in results:

@@ -189,6 +189,19 @@ def test_benchmark_prints_batch_1_and_n_latency_of_a_pruned_checkpoint(study, tm
     assert all(float(ms) > 0 for *_, ms in found)
 
 
+def test_benchmark_times_a_yolov5_pt_that_export_pt_wrote(study, tmp_path, capsys):
+    out, *_ = study
+    checkpoint = json.loads((out / STATE_FILE).read_text())["steps"]["yolov5n/finetune-0.3"]["checkpoint"]
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a folder: give the path of the .pt file to write"):
+        tea_lightning.cli.export_pt([checkpoint, str(tmp_path)])
+    tea_lightning.cli.export_pt([checkpoint, str(tmp_path / "pruned.pt")])
+    assert "875,383 parameters, classes ['bud', 'leaf'], float16 weights" in capsys.readouterr().out
+    benchmark_main([str(tmp_path / "pruned.pt"), "--batch", "1", "--runs", "2", "--warmup", "0"])
+    printed = capsys.readouterr().out
+    assert "pruned.pt: 875,383 parameters" in printed and "GFLOPs at 640x640" in printed  # a .pt records no size
+    assert re.search(r"\| onnxruntime \| 1 \| [\d.]+ \|", printed)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"--ratios": "1.5"}, "--ratios must lie between 0 and 1"),
     ({"--models": "yolov5q"}, "no configs/<model>.yaml"),
