@@ -13,6 +13,7 @@ from pathlib import Path
 # The yolov5 package imports pkg_resources; the warning says nothing a user can act on.
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
+import torch  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint  # noqa: E402
@@ -164,6 +165,18 @@ class TeaCLI(LightningCLI):
                       + (" (offline: upload later with `wandb sync <that folder>`)"
                          if getattr(experiment.settings, "mode", "") == "offline" else ""))
         print(f"Run folder: {run_dir(trainer)}")
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.subcommand == "fit" else ""
+        if best and trainer.is_global_zero:
+            print(_best_checkpoint_summary(Path(best)))
+
+
+def _best_checkpoint_summary(path: Path) -> str:
+    """Return a line saying which epoch `path` (best.ckpt) holds and what it scored in its validation."""
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: the tensors stay on disk
+    scores = saved.get("validation_summary", {})
+    figures = ", ".join(f"{key} {scores[key]:.4f}" for key in ("mAP50", "mAP50-95", "precision", "recall")
+                        if key in scores)
+    return f"Best checkpoint (epoch {saved['epoch']}{': ' + figures if figures else ''}): {path}"
 
 
 def _check_writable(folder: Path) -> None:

@@ -42,6 +42,17 @@ def test_best_and_last_checkpoints_and_run_files_are_written(trained):
     assert cli.trainer.checkpoint_callback.best_model_path.endswith("best.ckpt")
 
 
+def test_fit_ends_naming_the_best_checkpoint_its_epoch_and_scores(trained, capsys):
+    cli, run = trained
+    cli.after_run()  # what the command printed when the fit ended
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    scores = best["validation_summary"]
+    assert scores["fitness"] == pytest.approx(float(cli.trainer.checkpoint_callback.best_model_score), abs=1e-6)
+    assert (f"Best checkpoint (epoch {best['epoch']}: mAP50 {scores['mAP50']:.4f}, mAP50-95 {scores['mAP50-95']:.4f}, "
+            f"precision {scores['precision']:.4f}, recall {scores['recall']:.4f}): {run / 'checkpoints' / 'best.ckpt'}"
+            ) in capsys.readouterr().out
+
+
 def fit_callback_warnings(recorded) -> list[str]:
     """Return Lightning's warnings about restoring the fit's callbacks (checkpoints, EMA) outside fit."""
     signs = ("dirpath has changed", "callbacks used to create the checkpoint", "WeightAveraging")
@@ -55,6 +66,9 @@ def test_best_checkpoint_validates_to_the_fitness_it_was_saved_with(trained, syn
                            "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(run / "checkpoints" /
                                                                                               "best.ckpt")])
     assert validation.trainer.callback_metrics["val/fitness"].item() == pytest.approx(saved, abs=1e-6)
+    summary = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)["validation_summary"]
+    for key in ("mAP50", "mAP50-95", "precision", "recall"):  # the scores the checkpoint says it has
+        assert validation.trainer.callback_metrics[f"val/{key}"].item() == pytest.approx(summary[key], abs=1e-6)
     assert {"val/mAP50", "val/mAP50-95", "val/precision", "val/recall", "val/f1"} <= set(
         validation.trainer.callback_metrics)
     assert validation.trainer.checkpoint_callbacks == [] and not list(tmp_path.rglob("*.ckpt"))

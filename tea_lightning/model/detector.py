@@ -107,6 +107,7 @@ class Detector(pl.LightningModule):
         self.example_input_array = torch.zeros(1, 3, img_size, img_size)
         self.last_optimizer_step = -1
         self.plot_paths: list[Path] = []
+        self.validation_summary: dict[str, float] = {}  # the last validation's mAP, P/R/F1 and fitness
         self.apply_memory_format()
 
     @classmethod
@@ -311,6 +312,8 @@ class Detector(pl.LightningModule):
         # values changes nothing and tells Lightning they are global.
         for key, value in summary.items():
             self.log(f"{stage}/{key}", value, prog_bar=key in ("mAP50", "mAP50-95"), sync_dist=True)
+        if stage == "val":
+            self.validation_summary = summary
         for name, ap50, ap in zip(self.names, results["ap50_per_class"], results["ap_per_class"]):
             self.log(f"{stage}/AP50/{name}", float(ap50), sync_dist=True)
             self.log(f"{stage}/AP50-95/{name}", float(ap), sync_dist=True)
@@ -364,6 +367,8 @@ class Detector(pl.LightningModule):
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["last_optimizer_step"] = self.last_optimizer_step
+        # what this checkpoint scored (best.ckpt is written right after its validation), for the end-of-fit summary
+        checkpoint["validation_summary"] = self.validation_summary
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A pruned checkpoint's tensors are smaller than the yaml's: take their architecture before Lightning
