@@ -66,7 +66,7 @@ class DetectionWriter(BasePredictionWriter):
             first = self._label_sources[label]
             label = label.with_name(f"{name.stem}_{name.suffix.lstrip('.')}.txt")
             warnings.warn(f"{first} and {source} share the label name {name.with_suffix('.txt')}: the labels of "
-                           f"{source.name} are written to {label.name}.", stacklevel=2)
+                          f"{source.name} are written to {label.name}.", stacklevel=2)
             self._label_sources[label] = source
         return label
 
