@@ -161,8 +161,10 @@ class ChannelPruning(pl.Callback):
             f"channels -{ratio:.1%} of the unpruned model's, "
             f"parameters {result.params_before:,} -> {result.params_after:,} "
             f"({result.params_after / result.params_before - 1:+.1%}), "
-            f"GFLOPs {macs_to_gflops(result.macs_before):.2f} -> {after['model/GFLOPs']:.2f} "
-            f"({result.macs_after / result.macs_before - 1:+.1%})")
+            f"GFLOPs {macs_to_gflops(result.macs_before):.3g} -> {after['model/GFLOPs']:.3g} "
+            f"({result.macs_after / result.macs_before - 1:+.1%}"
+            # one step starts from the unpruned model, so its MACs change is what macs_reduction asked for
+            + (f"; macs_reduction asked -{self.macs_reduction:.1%})" if self.macs_reduction and steps == 1 else ")"))
         for logger in trainer.loggers:
             logger.log_metrics({**after, "model/pruning_steps": self.steps_done}, step=trainer.global_step)
         if trainer.state.fn == "fit":

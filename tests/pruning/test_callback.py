@@ -3,6 +3,7 @@ resume after a step, evaluation-only pruning, bf16 and DDP."""
 
 import csv
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,7 +167,7 @@ def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path, import
 
 
 @pytest.mark.parametrize("importance", ["l2", "taylor"])
-def test_a_macs_target_is_met_with_every_criterion(synthetic_yaml, tmp_path, importance):
+def test_a_macs_target_is_met_with_every_criterion(synthetic_yaml, tmp_path, importance, caplog):
     # finding the channel ratio for a MACs target prunes trial copies, which Taylor ranks by the loss gradients
     base = validate_yolov5n(synthetic_yaml, tmp_path / "a")
     pruned = validate_yolov5n(synthetic_yaml, tmp_path / "b", "--trainer.callbacks+=tea_lightning.ChannelPruning",
@@ -174,6 +175,8 @@ def test_a_macs_target_is_met_with_every_criterion(synthetic_yaml, tmp_path, imp
                               "--trainer.callbacks.importance", importance)
     after, before = pruned.model.model_summary()["model/GFLOPs"], base.model.model_summary()["model/GFLOPs"]
     assert after / before == pytest.approx(0.6, abs=0.03)
+    reached = re.search(r"GFLOPs [\d.]+ -> [\d.]+ \(([-+\d.]+)%; macs_reduction asked -40.0%\)", caplog.text)
+    assert reached and float(reached.group(1)) == pytest.approx((after / before - 1) * 100, abs=0.1)
 
 
 @pytest.mark.parametrize("config", sorted((Path(__file__).parents[2] / "configs" / "prune").glob("*.yaml")),
