@@ -269,10 +269,10 @@ def demo_data(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="tea-lightning demo-data", description=demo_data.__doc__)
     parser.add_argument("out", help="folder to write images/, labels/ and data.yaml to")
-    parser.add_argument("--n-train", type=int, default=64)
-    parser.add_argument("--n-val", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=64, help="training images (default: 64)")
+    parser.add_argument("--n-val", type=int, default=16, help="validation images (default: 16)")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square images (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes (default: 0)")
     options = parser.parse_args(argv)
     path = make_synthetic_dataset(options.out, n_train=options.n_train, n_val=options.n_val,
                                   image_size=options.image_size, seed=options.seed)

@@ -16,7 +16,20 @@ PAD_VALUE = 114  # YOLOv5's grey, so padded regions look the same to a model tra
 
 @dataclass
 class Augmentation:
-    """Training augmentation strengths; defaults are YOLOv5's `hyp.scratch-low.yaml`."""
+    """Training augmentation strengths; defaults are YOLOv5's `hyp.scratch-low.yaml`.
+
+    Args:
+        mosaic: probability of a 4-image mosaic.
+        scale: random scaling by a factor in 1 +/- scale.
+        translate: random translation by up to this fraction of the image size.
+        degrees: random rotation by up to this many degrees.
+        shear: random shear by up to this many degrees.
+        hsv_h: hue jitter (fraction of the hue circle).
+        hsv_s: saturation jitter (fraction).
+        hsv_v: value (brightness) jitter (fraction).
+        fliplr: probability of a left-right flip.
+        flipud: probability of an up-down flip.
+    """
 
     mosaic: float = 1.0
     scale: float = 0.5

@@ -58,10 +58,13 @@ class Detector(pl.LightningModule):
         batch_size: images per batch and process (linked from the data module); sets accumulation.
         recipe: optimisation and loss hyperparameters (YOLOv5 defaults).
         ema: keep YOLOv5's EMA of the weights for validation and checkpoints.
-        conf_thres, iou_thres, max_det: NMS settings of validation (YOLOv5's val.py: every box that could count
-            towards mAP, with a box per class above the threshold).
-        predict_conf_thres, predict_iou_thres: NMS settings of prediction (YOLOv5's detect.py: the boxes worth
-            drawing, one class per box).
+        conf_thres: confidence threshold of validation's NMS (YOLOv5's val.py: every box that could count towards
+            mAP, with a box per class above the threshold).
+        iou_thres: IoU threshold of validation's NMS.
+        max_det: the most detections per image kept by NMS.
+        predict_conf_thres: confidence threshold of prediction's NMS (YOLOv5's detect.py: the boxes worth drawing,
+            one class per box).
+        predict_iou_thres: IoU threshold of prediction's NMS.
         plots: write precision/recall/F1/PR curves at the end of validation.
         teacher: a checkpoint (.ckpt of ours or YOLOv5 .pt, with the same classes and anchors) to distil from while
             training, e.g. the unpruned model when fine-tuning its pruned copy; only used by `fit`.

@@ -20,7 +20,33 @@ from torch.optim.swa_utils import AveragedModel
 
 @dataclass
 class Recipe:
-    """Optimisation hyperparameters; defaults are YOLOv5's `hyp.scratch-low.yaml` and `train.py`."""
+    """Optimisation hyperparameters; defaults are YOLOv5's `hyp.scratch-low.yaml` and `train.py`.
+
+    Args:
+        optimizer: SGD (with Nesterov momentum, YOLOv5's default) or AdamW.
+        lr0: initial learning rate.
+        lrf: final learning rate, as a fraction of lr0, reached at the last epoch.
+        momentum: SGD momentum (AdamW's beta1).
+        weight_decay: weight decay of the convolution weights, scaled with the nominal batch as YOLOv5 scales it.
+        warmup_epochs: epochs of warmup (fractions allowed), in which the learning rate, the biases' learning rate
+            and the momentum move to their training values.
+        warmup_min_iterations: the least number of warmup iterations, whatever warmup_epochs gives.
+        warmup_momentum: momentum at the start of warmup.
+        warmup_bias_lr: learning rate of the biases at the start of warmup.
+        cos_lr: a cosine learning-rate schedule instead of the linear one.
+        nominal_batch_size: images per optimizer step: gradients accumulate over batches up to it.
+        grad_clip_norm: the gradient norm is clipped to this.
+        ema_decay: decay of the exponential moving average of the weights.
+        ema_tau: how many optimizer steps the EMA decay takes to ramp up (decay x (1 - exp(-steps / tau))).
+        box: gain of the box loss.
+        cls: gain of the class loss (scaled with the class count and detection layers).
+        cls_pw: positive weight of the class loss's binary cross-entropy.
+        obj: gain of the objectness loss (scaled with the image size and detection layers).
+        obj_pw: positive weight of the objectness loss's binary cross-entropy.
+        anchor_t: a target matches an anchor when their width and height ratios are under this.
+        fl_gamma: focal loss gamma (0: plain binary cross-entropy).
+        label_smoothing: label smoothing epsilon of the class targets.
+    """
 
     optimizer: Literal["SGD", "AdamW"] = "SGD"
     lr0: float = 0.01

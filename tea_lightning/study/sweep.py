@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+import typing
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from tea_lightning.errors import ConfigError
+from tea_lightning.pruning.pruner import Importance
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 STATE_FILE = "sweep.json"
@@ -306,11 +308,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="official YOLOv5 .pt to start a baseline from (default: from scratch)")
     parser.add_argument("--baseline", nargs="*", default=[], metavar="MODEL=CKPT",
                         help="an already trained baseline .ckpt to use instead of fitting one")
-    parser.add_argument("--importance", default="l2", choices=["l2", "l1", "taylor", "bn_scale", "lamp", "random"])
+    parser.add_argument("--importance", default="l2", choices=typing.get_args(Importance),
+                        help="channel importance of the pruning steps (default: l2; taylor recovered the most "
+                             "accuracy on tea_shoots)")
     parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
                         help="fine-tune with distillation from the unpruned baseline at this loss weight "
                              "(e.g. 1; default: 0, off)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (default: runs/study)")
     parser.add_argument("--study", default=None, help="W&B group name (default: the --out folder's name)")
     parser.add_argument("--project", default="tea-lightning", help="W&B project (default: tea-lightning)")
