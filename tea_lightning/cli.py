@@ -254,8 +254,7 @@ def demo(argv: list[str]) -> None:
     common = ["--config", str(CONFIG_DIR / "demo.yaml"), "--data.data_yaml", str(data_yaml),
               "--trainer.default_root_dir", str(out / "runs")]
     fit = cli_main(["fit", *common, "--trainer.max_epochs", str(options.epochs)])
-    best = fit.trainer.checkpoint_callback.best_model_path
-    print(f"Best checkpoint: {best}")
+    best = fit.trainer.checkpoint_callback.best_model_path  # the fit has said which it is and what it scored
     if isinstance(fit.trainer.logger, WandbLogger):
         # Lightning's WandbLogger adopts a W&B run left open: the validation would log into the fit's run and
         # folder, overwriting its config.yaml.
