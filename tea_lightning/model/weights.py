@@ -163,24 +163,21 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
 def read_model(path: str | Path, option: str) -> nn.Module:
     """Return the whole float32 model of a YOLOv5 `.pt` or of a tea-lightning `.ckpt`, pruned or not, with the
     architecture it was saved with (from the checkpoint's model yaml and class count for a `.ckpt`)."""
+    return read_model_and_img_size(path, option)[0]
+
+
+def read_model_and_img_size(path: str | Path, option: str) -> tuple[nn.Module, int]:
+    """Return `read_model`'s model and the image size it was trained at: a `.ckpt`'s, or YOLOv5's default 640 for a
+    YOLOv5 `.pt` (which records none), from one read of the file."""
     checkpoint = _load(path, option)
     if not _is_lightning_checkpoint(checkpoint):
-        return _pickled_model(checkpoint, path, option).float()
+        return _pickled_model(checkpoint, path, option).float(), 640
     hparams = _tea_hyperparameters(checkpoint, path, option)
     model = build_model(hparams["model_cfg"], hparams["nc"], f"the model yaml {option} {path} was trained with,")
     state = _model_weights(checkpoint)
     resize_to_state_dict(model, state, source=f"{option} {path}")
     model.load_state_dict(state)
-    return model
-
-
-def saved_img_size(path: str | Path, option: str) -> int:
-    """Return the image size a tea-lightning `.ckpt` was trained at, or YOLOv5's default 640 for a YOLOv5 `.pt`
-    (which records none)."""
-    checkpoint = _load(path, option)
-    if not _is_lightning_checkpoint(checkpoint):
-        return 640
-    return _tea_hyperparameters(checkpoint, path, option)["img_size"]
+    return model, hparams["img_size"]
 
 
 def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> tuple[int, int]:

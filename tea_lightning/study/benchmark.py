@@ -39,7 +39,7 @@ def measure(model: nn.Module, img_size: int, onnx_path: Path | None, runs: int =
 
 def benchmark_main(argv: list[str]) -> None:
     """Measure a checkpoint's batch-1 and batch-N CPU latency in PyTorch and ONNX Runtime (and export it to ONNX)."""
-    from tea_lightning.model.weights import read_model, saved_img_size, set_layer_memory_format
+    from tea_lightning.model.weights import read_model_and_img_size, set_layer_memory_format
 
     parser = argparse.ArgumentParser(prog="tea-lightning benchmark", description=benchmark_main.__doc__)
     parser.add_argument("checkpoint", type=Path, help="a tea-lightning .ckpt or a YOLOv5 .pt (official weights, or "
@@ -57,9 +57,10 @@ def benchmark_main(argv: list[str]) -> None:
         raise ConfigError("--runs and --batch must be at least 1 and --warmup at least 0.")
     if options.threads:
         torch.set_num_threads(options.threads)
-    model = read_model(options.checkpoint, "checkpoint")  # a tea-lightning .ckpt or a YOLOv5 .pt (official, export-pt)
+    # a tea-lightning .ckpt or a YOLOv5 .pt (official, export-pt)
+    model, saved_img_size = read_model_and_img_size(options.checkpoint, "checkpoint")
     set_layer_memory_format(model, torch.channels_last)  # the layout predict runs in (--model.channels_last default)
-    img = options.img or saved_img_size(options.checkpoint, "checkpoint")
+    img = options.img or saved_img_size
     if img % 32:
         raise ConfigError(f"--img must be a multiple of 32, got {img}.")
     with tempfile.TemporaryDirectory() as tmp:
