@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_warn  # noqa: E402
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException  # noqa: E402
 
+from tea_lightning import CONFIG_DIR  # noqa: E402
 from tea_lightning.checkpoints import SaveOnInterrupt  # noqa: E402
 from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
 from tea_lightning.errors import ConfigError, UserError  # noqa: E402
@@ -42,7 +43,6 @@ warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is in
 warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated",
                         category=FutureWarning)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc")  # --ckpt_path values that Lightning resolves itself
 
 
@@ -326,6 +326,28 @@ def _user_error_in(err: BaseException | None) -> Exception | None:
     return err
 
 
+def _with_installed_configs(args: list[str]) -> list[str]:
+    """Return `args` with each `--config configs/...` that is not in the working folder replaced by the copy installed
+    with the package, saying so: README's commands name the repository's configs/, which a `pip install` without a
+    checkout (or a run from another folder) does not have."""
+    resolved = list(args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            index, prefix = i, "--config="
+        elif arg == "--config" and i + 1 < len(args):
+            index, prefix = i + 1, ""
+        else:
+            continue
+        given = Path(resolved[index].removeprefix(prefix))
+        installed = CONFIG_DIR.joinpath(*given.parts[1:]) if given.parts[:1] == ("configs",) else None
+        if given.exists() or installed is None or not installed.is_file():
+            continue
+        print(f"{given} is not in {Path.cwd()}: using the copy installed with tea-lightning, {installed}",
+              file=sys.stderr)
+        resolved[index] = prefix + str(installed)
+    return resolved
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `tea-lightning` command: errors the user can fix end in their message and status 1."""
     args = sys.argv[1:] if argv is None else argv
@@ -336,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         if args and args[0] in EXTRA_COMMANDS:
             EXTRA_COMMANDS[args[0]](args[1:])
         else:
-            cli_main(argv)  # None: LightningCLI reads sys.argv itself
+            cli_main(_with_installed_configs(args))
     except Exception as err:
         cause = _user_error_in(err)
         if cause is None:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from tea_lightning import CONFIG_DIR
 from tea_lightning.errors import ConfigError
 from tea_lightning.pruning.pruner import Importance
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 STATE_FILE = "sweep.json"
 METRICS = ("mAP50", "mAP50-95", "precision", "recall", "f1", "fitness")
 # Options whose change would make finished steps incomparable with new ones; models and ratios may grow.

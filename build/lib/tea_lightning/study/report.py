@@ -1,0 +1,243 @@
+"""`tea-lightning report`: the pruning study's runs (offline W&B run folders, and the W&B API when a key is set) as one
+folder: report.md, report.html, a table of every run, the before/after fine-tuning comparison, overlaid curves,
+loss curves and the accuracy-cost trade-off with its Pareto front."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import html
+from pathlib import Path
+
+import numpy as np
+
+from tea_lightning.errors import ConfigError
+from tea_lightning.model.detector import LOSS_NAMES
+from tea_lightning.study import figures
+from tea_lightning.study.wandb_runs import RunData, api_available, offline_runs, online_runs
+
+JOB_ORDER = {"baseline": 0, "prune": 1, "finetune": 2, "eval": 3}  # the chain's order
+# (column title, row key, format); every value comes unchanged from a run's W&B summary ("final/<key>").
+COLUMNS = [("model", "model", "{}"), ("step", "step", "{}"), ("job", "job", "{}"), ("ratio", "ratio", "{:g}"),
+           ("params", "params", "{:,}"), ("GFLOPs", "GFLOPs", "{:.3f}"),
+           ("PyTorch ms (b1)", "latency_pytorch_ms", "{:.1f}"), ("ORT ms (b1)", "latency_onnxruntime_ms", "{:.1f}"),
+           ("ckpt MB", "ckpt_MB", "{:.1f}"), ("ONNX MB", "onnx_MB", "{:.1f}"), ("mAP50", "mAP50", "{:.4f}"),
+           ("mAP50-95", "mAP50-95", "{:.4f}"), ("P", "precision", "{:.3f}"), ("R", "recall", "{:.3f}"),
+           ("F1", "f1", "{:.3f}"), ("W&B run", "run", "{}")]
+
+
+def rows_of(runs: list[RunData]) -> list[dict]:
+    """Return one row per sweep run (those with `final/` results), ordered by model, ratio and step."""
+    rows = []
+    for run in runs:
+        final = {k[len("final/"):]: v for k, v in run.summary.items() if k.startswith("final/")}
+        if "mAP50" not in final:
+            continue
+        rows.append({**final, "run": run.id, "job": run.job_type, "model": run.config.get("model", "?"),
+                     "step": run.config.get("step", run.name), "ratio": float(run.config.get("pruning_ratio", 0)),
+                     "data": run})
+    return sorted(rows, key=lambda r: (r["model"], r["ratio"], JOB_ORDER.get(r["job"], 9), r["step"]))
+
+
+def kind(row: dict) -> str | None:
+    """Return what model a row measures for the comparison, or None for the fits (their eval rows stand for
+    them)."""
+    if row["job"] == "prune":
+        return "pruned, no fine-tuning"
+    if row["job"] == "eval":
+        return "pruned + fine-tuned" if row["ratio"] else "baseline"
+    return None
+
+
+def _ratio(row: dict) -> str:
+    return f" {row['ratio']:g}" if row["ratio"] else ""
+
+
+def describe(row: dict) -> str:
+    """Return a legend label: which model the row is and how it was made."""
+    if not row["ratio"]:
+        return "baseline"
+    return f"pruned{_ratio(row)}" + {"prune": ", no fine-tuning", "finetune": ", fine-tuning"}.get(row["job"],
+                                                                                                   " + fine-tuned")
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _delta(value, base) -> str:
+    return "" if value is None or not base else f" ({value / base - 1:+.0%})"
+
+
+def comparison(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Return the before/after fine-tuning table: per model and ratio, cost (change against the baseline) and
+    mAP right after pruning and after fine-tuning."""
+    header = ["model", "ratio", "params", "GFLOPs", "PyTorch ms (b1)", "ORT ms (b1)", "mAP50 / mAP50-95 before "
+              "fine-tuning", "after fine-tuning", "F1 after"]
+    table = []
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        base = next((r for r in mine if kind(r) == "baseline"), None)
+        for ratio in sorted({r["ratio"] for r in mine}):
+            after = next((r for r in mine if r["ratio"] == ratio and kind(r) in ("baseline", "pruned + fine-tuned")),
+                         None)
+            before = next((r for r in mine if r["ratio"] == ratio and kind(r) == "pruned, no fine-tuning"), None)
+            shown = after or before
+            if shown is None:
+                continue
+            b = base or {}
+            table.append([model, "baseline" if not ratio else f"{ratio:g}",
+                          f"{shown['params']:,}{_delta(shown['params'], b.get('params'))}",
+                          f"{shown['GFLOPs']:.3f}{_delta(shown['GFLOPs'], b.get('GFLOPs'))}",
+                          _cell(shown.get("latency_pytorch_ms"), "{:.1f}")
+                          + _delta(shown.get("latency_pytorch_ms"), b.get("latency_pytorch_ms")),
+                          _cell(shown.get("latency_onnxruntime_ms"), "{:.1f}")
+                          + _delta(shown.get("latency_onnxruntime_ms"), b.get("latency_onnxruntime_ms")),
+                          f"{before['mAP50']:.4f} / {before['mAP50-95']:.4f}" if before else "-",
+                          f"{after['mAP50']:.4f} / {after['mAP50-95']:.4f}" if after else "-",
+                          _cell(after and after["f1"], "{:.3f}")])
+    return header, table
+
+
+def write_figures(rows: list[dict], out: Path) -> dict[str, list[Path]]:
+    """Write the per-model curve and loss figures and the trade-off figure; return their paths by section."""
+    written: dict[str, list[Path]] = {"curves": [], "losses": [], "tradeoff": []}
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        curves = []
+        for r in mine:
+            path = r["data"].file("curves.npz") if kind(r) else None
+            if path is not None:
+                with np.load(path) as arrays:
+                    curves.append((f"{describe(r)} "
+                                   f"(mAP50 {r['mAP50']:.3f}, F1 {r['f1']:.2f})", dict(arrays)))
+        if curves:
+            written["curves"].append(figures.curve_overlay(
+                f"{model}: class-mean curves on the validation set", curves, out / f"curves_{model}.png"))
+        fits = [r for r in mine if r["job"] in ("baseline", "finetune") and r["data"].history]
+        base = next((r for r in fits if r["job"] == "baseline"), None)
+        offset = int(figures.per_epoch(base["data"].history, "train/box_loss")[0].max(initial=-1)) + 1 if base else 0
+        if fits:
+            written["losses"].append(figures.loss_curves(
+                f"{model}: losses per epoch (baseline, then fine-tuning after pruning)",
+                [(describe(r), r["data"].history, 0 if r is base else offset) for r in fits],
+                out / f"losses_{model}.png"))
+    points = [{**r, "kind": kind(r), "label": f"{r['model']}{_ratio(r)}{' no FT' if r['job'] == 'prune' else ''}"}
+              for r in rows if kind(r)]
+    if points:
+        written["tradeoff"].append(figures.tradeoff(points, [
+            ("GFLOPs", "GFLOPs (one image at the study's size)"),
+            ("latency_pytorch_ms", "CPU latency, PyTorch, batch 1 (ms)"),
+            ("latency_onnxruntime_ms", "CPU latency, ONNX Runtime, batch 1 (ms)")], out / "tradeoff.png"))
+    return written
+
+
+def _markdown(header: list[str], table: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(row) + " |" for row in table])
+
+
+def _html(header: list[str], table: list[list[str]]) -> str:
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)  # noqa: E731
+    return "<table><tr>" + cells(header, "th") + "</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in table) \
+        + "</table>"
+
+
+def write_report(rows: list[dict], out: Path, title: str) -> tuple[Path, Path]:
+    """Write report.md and report.html (figures beside them, linked relatively); return both paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    every = [[_cell(r.get(key), fmt) for _, key, fmt in COLUMNS] for r in rows]
+    header = [c for c, _, _ in COLUMNS]
+    written = write_figures(rows, out)
+    threads = sorted({r.get("latency_threads") for r in rows if r.get("latency_threads")})
+    note = (f"Generated {datetime.date.today()} from {len(rows)} W&B runs. Metrics are those of each run's W&B "
+            "summary (`final/*`): fits report their best checkpoint's validation, `prune` the model right after "
+            "one-shot pruning (no fine-tuning), `eval` a reloaded best checkpoint. Latency: CPU, batch 1, median, "
+            f"{'/'.join(map(str, threads)) or '?'} thread(s); checkpoint size includes optimizer state and raw "
+            "weights beside the EMA, ONNX size is the deployable model.")
+    sections = [("Before and after fine-tuning", comparison(rows), "tradeoff"), ("Every run", (header, every),
+                                                                                "curves"),
+                ("Losses", None, "losses")]
+    md, body = [f"# {title}", "", note, ""], [f"<h1>{html.escape(title)}</h1><p>{html.escape(note)}</p>"]
+    for name, table, figure_key in sections:
+        md += [f"## {name}", ""]
+        body.append(f"<h2>{html.escape(name)}</h2>")
+        if table:
+            md += [_markdown(*table), ""]
+            body.append(_html(*table))
+        for path in written[figure_key]:
+            md += [f"![{path.stem}]({path.name})", ""]
+            body.append(f'<p><img src="{path.name}" alt="{path.stem}" style="max-width:100%"></p>')
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text("\n".join(md))
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}")
+    html_path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                         f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    return md_path, html_path
+
+
+def publish(project: str, study: str) -> str | None:
+    """Publish a W&B Report of the study's runs (needs wandb-workspaces and a reachable API); return its URL."""
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError:
+        print("wandb-workspaces is not installed (pip install wandb-workspaces): no W&B Report published.")
+        return None
+    entity, _, name = project.rpartition("/")
+    runset = wr.Runset(entity=entity or None, project=name, filters=f"Config('study') = '{study}'")
+    panels = [wr.ScatterPlot(x="final/GFLOPs", y="final/mAP50-95"),
+              wr.ScatterPlot(x="final/latency_onnxruntime_ms", y="final/mAP50-95"),
+              wr.BarPlot(metrics=["final/mAP50-95", "final/mAP50"]),
+              *(wr.LinePlot(x="epoch", y=[f"val/{m}"]) for m in ("mAP50-95", "precision", "recall", "f1")),
+              *(wr.LinePlot(x="epoch", y=[f"{s}/{loss}"]) for s in ("train", "val") for loss in LOSS_NAMES),
+              wr.RunComparer()]
+    report = wr.Report(entity=entity or None, project=name, title=f"Pruning study {study}",
+                       description="Baselines, one-shot pruned and fine-tuned models (tea-lightning sweep).",
+                       blocks=[wr.PanelGrid(runsets=[runset], panels=panels)])
+    report.save()
+    return report.url
+
+
+def report_main(argv: list[str]) -> None:
+    """Write the study report (Markdown, HTML, figures) from offline W&B runs and, with WANDB_API_KEY, online ones."""
+    parser = argparse.ArgumentParser(prog="tea-lightning report", description=report_main.__doc__)
+    parser.add_argument("runs", type=Path, nargs="*", default=[],
+                        help="folders searched for offline W&B runs (e.g. the sweep's --out)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: <first folder>/report)")
+    parser.add_argument("--study", default=None, help="only this W&B group (the sweep's study name)")
+    parser.add_argument("--project", default="tea-lightning", help="W&B project (entity/project) for online runs")
+    options = parser.parse_args(argv)
+    for folder in options.runs:
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a folder of W&B runs.")
+    runs = offline_runs(options.runs)
+    online = api_available()
+    if online:
+        try:
+            known = {r.id for r in runs}
+            runs += [r for r in online_runs(options.project, options.study) if r.id not in known]
+        except Exception as err:  # noqa: BLE001 - the offline runs still make a report
+            print(f"W&B API not reachable ({type(err).__name__}: {err}); the report uses the offline runs only.")
+            online = False
+    if options.study:
+        runs = [r for r in runs if r.group == options.study]
+    rows = rows_of(runs)
+    if not rows:
+        where = f"in {', '.join(map(str, options.runs))}" if options.runs else \
+            "(no folder given: name the sweep's --out folder, e.g. tea-lightning report runs/study)"
+        raise ConfigError(f"no sweep runs (W&B runs with final/* results) found {where}"
+                          + (f" for study {options.study!r}" if options.study else "") + ".")
+    out = options.out or (options.runs[0] if options.runs else Path(".")) / "report"
+    studies = sorted({r["data"].group for r in rows})
+    md_path, html_path = write_report(rows, out, f"Pruning study: {', '.join(studies)}")
+    print(f"Report of {len(rows)} runs: {md_path} and {html_path}")
+    if online:
+        for study in studies:
+            url = publish(options.project, study)
+            if url:
+                print(f"W&B Report: {url}")
+    else:
+        print("W&B Report: upload the runs with `wandb sync --include-offline <run folders>` (e.g. "
+              f"`wandb sync {options.runs[0] if options.runs else '.'}/*/*/wandb/offline-run-*`), then run this "
+              "command again with WANDB_API_KEY set (and `pip install wandb-workspaces`) to publish it.")
