@@ -228,6 +228,17 @@ def test_ckpt_path_that_is_missing_broken_or_not_a_tea_lightning_checkpoint(trai
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
 
 
+def test_predict_source_missing_or_without_images_fails_before_any_run_folder(synthetic_yaml, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    for source, expected in [(tmp_path / "nope", "does not exist"), (empty, "holds no image file (.jpg, .jpeg")]:
+        fails(["predict", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.default_root_dir",
+               str(tmp_path / "runs"), "--data.predict_source", str(source)], f"--data.predict_source {source}",
+              expected)
+    assert not any((tmp_path / "runs").rglob("*"))
+
+
 def test_pruned_checkpoint_given_to_another_model_config(tmp_path, synthetic_yaml):
     from tea_lightning.model.weights import build_model
     from tea_lightning.pruning.pruner import prune

@@ -60,6 +60,8 @@ class YoloDataModule(pl.LightningDataModule):
         self.img_size, self.batch_size, self.workers = img_size, batch_size, workers
         self.augmentation = augmentation
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        if predict_source is not None:
+            _source_images(Path(predict_source))  # a wrong path fails now, before the run folder is made
         self.predict_source = predict_source
         self.indexes: dict[str, SplitIndex] = {}
 
@@ -132,16 +134,23 @@ class YoloDataModule(pl.LightningDataModule):
                 "img_size": self.img_size, "batch_size": self.batch_size}
 
 
-def _unlabelled_records(source: Path) -> list[ImageRecord]:
-    """Return records without boxes for every readable image at `source`; unreadable ones are skipped loudly."""
+def _source_images(source: Path) -> list[Path]:
+    """Return the image files at `source` (an image, or a folder searched with its subfolders)."""
     if source.is_dir():
         images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    elif source.is_file():
-        images = [source]
-    else:
-        raise DataError(f"--data.predict_source {source} does not exist: give an image file or a folder of images.")
+        if not images:
+            raise DataError(f"--data.predict_source {source} holds no image file ({', '.join(IMAGE_SUFFIXES)})"
+                            ": give an image file or a folder of images.")
+        return images
+    if source.is_file():
+        return [source]
+    raise DataError(f"--data.predict_source {source} does not exist: give an image file or a folder of images.")
+
+
+def _unlabelled_records(source: Path) -> list[ImageRecord]:
+    """Return records without boxes for every readable image at `source`; unreadable ones are skipped loudly."""
     records = []
-    for image in images:
+    for image in _source_images(source):
         try:
             height, width = read_image_size(image)
         except Exception as err:  # PIL raises many types for corrupt files
