@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import html
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,19 @@ COLUMNS = [("model", "model", "{}"), ("step", "step", "{}"), ("job", "job", "{}"
 
 
 def rows_of(runs: list[RunData]) -> list[dict]:
-    """Return one row per sweep run (those with `final/` results), ordered by model, ratio and step."""
+    """Return one row per sweep run (those with `final/` results), ordered by model, ratio and step. When the runs
+    come from more than one study, each model is named with its study ("yolov5n (study-a)"), so that one study's
+    baseline is not compared with another's pruned models."""
+    finished = [(run, {k[len("final/"):]: v for k, v in run.summary.items() if k.startswith("final/")})
+                for run in runs]
+    finished = [(run, final) for run, final in finished if "mAP50" in final]
+    several_studies = len({run.group for run, _ in finished}) > 1
     rows = []
-    for run in runs:
-        final = {k[len("final/"):]: v for k, v in run.summary.items() if k.startswith("final/")}
-        if "mAP50" not in final:
-            continue
-        rows.append({**final, "run": run.id, "job": run.job_type, "model": run.config.get("model", "?"),
+    for run, final in finished:
+        model = run.config.get("model", "?")
+        if several_studies:
+            model = f"{model} ({run.group or 'no study'})"
+        rows.append({**final, "run": run.id, "job": run.job_type, "model": model,
                      "step": run.config.get("step", run.name), "ratio": float(run.config.get("pruning_ratio", 0)),
                      "data": run})
     return sorted(rows, key=lambda r: (r["model"], r["ratio"], JOB_ORDER.get(r["job"], 9), r["step"]))
@@ -99,6 +106,11 @@ def comparison(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, table
 
 
+def _file_name(model: str) -> str:
+    """Return `model` ("yolov5n", or "yolov5n (study-a)" when the report has several studies) fit for a file name."""
+    return re.sub(r"[^\w.-]+", "_", model).strip("_")
+
+
 def write_figures(rows: list[dict], out: Path) -> dict[str, list[Path]]:
     """Write the per-model curve and loss figures and the trade-off figure; return their paths by section."""
     written: dict[str, list[Path]] = {"curves": [], "losses": [], "tradeoff": []}
@@ -113,7 +125,7 @@ def write_figures(rows: list[dict], out: Path) -> dict[str, list[Path]]:
                                    f"(mAP50 {r['mAP50']:.3f}, F1 {r['f1']:.2f})", dict(arrays)))
         if curves:
             written["curves"].append(figures.curve_overlay(
-                f"{model}: class-mean curves on the validation set", curves, out / f"curves_{model}.png"))
+                f"{model}: class-mean curves on the validation set", curves, out / f"curves_{_file_name(model)}.png"))
         fits = [r for r in mine if r["job"] in ("baseline", "finetune") and r["data"].history]
         base = next((r for r in fits if r["job"] == "baseline"), None)
         offset = int(figures.per_epoch(base["data"].history, "train/box_loss")[0].max(initial=-1)) + 1 if base else 0
@@ -121,7 +133,7 @@ def write_figures(rows: list[dict], out: Path) -> dict[str, list[Path]]:
             written["losses"].append(figures.loss_curves(
                 f"{model}: losses per epoch (baseline, then fine-tuning after pruning)",
                 [(describe(r), r["data"].history, 0 if r is base else offset) for r in fits],
-                out / f"losses_{model}.png"))
+                out / f"losses_{_file_name(model)}.png"))
     points = [{**r, "kind": kind(r), "label": f"{r['model']}{_ratio(r)}{' no FT' if r['job'] == 'prune' else ''}"}
               for r in rows if kind(r)]
     if points:

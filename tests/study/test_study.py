@@ -1,8 +1,10 @@
 """The study end to end on the synthetic set: the sweep's chain, its state file, a crash and the resume, a rerun
 that does nothing, the report's numbers against the W&B runs, and the benchmark command."""
 
+import dataclasses
 import json
 import re
+import warnings
 import zlib
 
 import matplotlib.image
@@ -11,6 +13,7 @@ import pytest
 from wandb.proto import wandb_internal_pb2
 
 import tea_lightning.cli
+import tea_lightning.study.report
 from tea_lightning.errors import ConfigError
 from tea_lightning.study.benchmark import benchmark_main
 from tea_lightning.study.figures import pareto_front
@@ -41,7 +44,7 @@ def counted_sweep(monkeypatch, argv) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def study(synthetic_yaml, tmp_path_factory):
     """Run the sweep, crashing in the fine-tune's second epoch; run it again (it resumes); return the folder,
-    the runs of the second sweep and those of a third."""
+    the runs of the second sweep and those of a third, and the second's warnings."""
     out = tmp_path_factory.mktemp("study") / "s"
 
     def crash_in_epoch_1(self, trainer, pl_module):
@@ -58,9 +61,11 @@ def study(synthetic_yaml, tmp_path_factory):
         mp.undo()
         mp.setenv("WANDB_MODE", "offline")
         mp.delenv("WANDB_API_KEY", raising=False)
-        resumed = counted_sweep(mp, sweep_args(synthetic_yaml, out))
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            resumed = counted_sweep(mp, sweep_args(synthetic_yaml, out))
         again = counted_sweep(mp, sweep_args(synthetic_yaml, out))
-    return out, crashed_state, resumed, again
+    return out, crashed_state, resumed, again, [str(w.message) for w in warned]
 
 
 def run_of(out, step):
@@ -71,7 +76,7 @@ def run_of(out, step):
 
 
 def test_the_crash_keeps_finished_steps_and_the_rerun_resumes_the_fit(study):
-    out, crashed, resumed, _ = study
+    out, crashed, resumed, _, warned = study
     assert list(crashed["steps"]) == STEPS[:3]
     assert [args[0] for args in resumed] == ["fit", "validate"]  # only the unfinished steps
     fit = resumed[0]
@@ -85,10 +90,13 @@ def test_the_crash_keeps_finished_steps_and_the_rerun_resumes_the_fit(study):
     epochs = [{row["epoch"] for row in run.history if "train/box_loss" in row}
               for s in sessions for run in offline_runs([s])]
     assert epochs == [{0}, {1}]
+    # it writes on in its own checkpoint folder on purpose: Lightning's warning that the folder is not empty is not
+    # shown (a fit that is not a resume still gets it)
+    assert not [message for message in warned if "Checkpoint directory" in message]
 
 
 def test_the_state_file_records_every_step_and_a_rerun_does_no_work(study):
-    out, _, _, again = study
+    out, _, _, again, _ = study
     state = json.loads((out / STATE_FILE).read_text())
     assert list(state["steps"]) == STEPS and again == []
     steps = state["steps"]
@@ -135,6 +143,22 @@ def test_report_table_equals_the_wandb_summaries_and_figures_are_written(study, 
         assert f"]({name})" in md and f'src="{name}"' in html
         height, width, _ = matplotlib.image.imread(tmp_path / name).shape
         assert height > 400 and width > 700
+
+
+def test_a_report_of_two_studies_keeps_each_studys_rows_apart(study, tmp_path, monkeypatch):
+    out, *_ = study
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    runs = offline_runs([out])
+    other = [dataclasses.replace(run, id=f"{run.id}u", group="u") for run in runs]  # a second study's runs
+    monkeypatch.setattr(tea_lightning.study.report, "offline_runs", lambda folders: runs + other)
+    report_main([str(out), "--out", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    comparison = md.split("## Before and after fine-tuning")[1].split("## Every run")[0]
+    assert comparison.count("| yolov5n (t) | baseline |") == comparison.count("| yolov5n (u) | baseline |") == 1
+    assert comparison.count("| yolov5n (t) | 0.3 |") == comparison.count("| yolov5n (u) | 0.3 |") == 1
+    assert "# Pruning study: t, u" in md
+    for name in ("curves_yolov5n_t.png", "losses_yolov5n_t.png", "curves_yolov5n_u.png", "losses_yolov5n_u.png"):
+        assert f"]({name})" in md and (tmp_path / name).is_file()
 
 
 def test_pareto_front_keeps_only_points_nothing_beats():
