@@ -149,6 +149,10 @@ class TeaCLI(LightningCLI):
                 init_args.save_dir = trainer.default_root_dir or "."
             if self.subcommand == "fit" and config.get("ckpt_path"):
                 _continue_in_run_folder(logger, Path(config.ckpt_path))
+        if self.subcommand == "fit" and config.get("ckpt_path"):
+            # A resumed fit writes on in its own checkpoint folder on purpose; Lightning's "Checkpoint directory ...
+            # exists and is not empty" would read as a warning about it (the filter ends with the run: cli_main)
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -232,9 +236,10 @@ def _fall_back_from_failed_wandb(trainer) -> None:
 
 def cli_main(args: list[str] | None = None) -> TeaCLI:
     """Run one LightningCLI subcommand and return the CLI (its trainer and model stay inspectable)."""
-    cli = TeaCLI(Detector, YoloDataModule, save_config_callback=RunConfig, seed_everything_default=0,
-                 trainer_defaults=trainer_defaults(), auto_configure_optimizers=False, args=args)
-    cli.after_run()
+    with warnings.catch_warnings():  # warning filters that one run sets (TeaCLI) end with it
+        cli = TeaCLI(Detector, YoloDataModule, save_config_callback=RunConfig, seed_everything_default=0,
+                     trainer_defaults=trainer_defaults(), auto_configure_optimizers=False, args=args)
+        cli.after_run()
     return cli
 
 
