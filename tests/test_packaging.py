@@ -1,6 +1,7 @@
 """The shipped configs reach every install: the wheel carries them, and README's `--config configs/...` finds them
 from any folder."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_carries_every_shipped_config(tmp_path):
+    source = tmp_path / "source"  # a copy: building writes build/ and egg-info folders beside the sources
+    shutil.copytree(ROOT / "tea_lightning", source / "tea_lightning", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True)
+                    str(tmp_path), str(source)], check=True)
     (wheel,) = tmp_path.glob("*.whl")
     packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("tea_lightning/configs/")}
     shipped = {f"tea_lightning/configs/{path.relative_to(CONFIG_DIR).as_posix()}"

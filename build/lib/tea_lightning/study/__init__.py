@@ -1,1 +1,0 @@
-"""The pruning study: `sweep` runs it, `report` compares its runs, `benchmark` times any checkpoint."""
