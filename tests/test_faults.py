@@ -130,6 +130,8 @@ def test_bad_label_rows_are_named_with_file_and_line(data, capsys):
     for line in range(first_bad, first_bad + len(bad) - 1):
         assert f"{label}:{line}:" in out, line
     assert f"{label}:{first_bad + len(bad) - 1}: duplicate row, dropped" in out
+    image = data.parent / "images" / "train" / f"{label.stem}.jpg"  # its objects would be learnt as background
+    assert f"{image}: skipped: {len(bad) - 1} bad row(s) in {label.name} (above)" in out
 
 
 def test_empty_label_file_is_a_background_image(data):

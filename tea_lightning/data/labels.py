@@ -21,12 +21,13 @@ from tea_lightning.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 # YOLOv5 skips images under 10 pixels a side as corrupt: too small to hold an object at any stride.
 MIN_IMAGE_SIDE = 10
 # Labelling tools write 0.9999999 or 1.0000001; anything further outside [0, 1] is a real labelling error.
 COORD_TOLERANCE = 1e-5
 MIN_BOX_SIDE = 1e-6  # normalised; well above float32's resolution in [0, 1]
+DUPLICATE_ROW = "duplicate row, dropped"  # the one row problem that keeps its image: the object is still labelled
 
 
 class DataError(UserError, ValueError):
@@ -77,6 +78,7 @@ class SplitIndex:
 
     records: list[ImageRecord]
     problems: list[Problem] = field(default_factory=list)
+    unlabelled: int = 0  # usable images without a label file (background, or labels not where YOLO looks)
 
     def instances_per_class(self, nc: int) -> np.ndarray:
         """Return the number of boxes of each class."""
@@ -141,8 +143,22 @@ def read_data_yaml(path: str | Path) -> DataSpec:
     for split in ("train", "val", "test"):
         if content.get(split):
             sources = content[split] if isinstance(content[split], list) else [content[split]]
-            splits[split] = [Path(os.path.abspath(base / Path(s).expanduser())) for s in sources]
+            splits[split] = [_split_source(base, str(s)) for s in sources]
     return DataSpec(yaml_path=yaml_path, splits=splits, names=names)
+
+
+def _split_source(base: Path, source: str) -> Path:
+    """Return the absolute path of one split source of a data.yaml whose paths are relative to `base`.
+
+    Roboflow's YOLOv5 export writes `train: ../train/images` beside `train/`, `valid/` in one folder; YOLOv5's
+    check_dataset reads such a path without its `../` when it does not exist as written, and so does this.
+    """
+    path = Path(os.path.abspath(base / Path(source).expanduser()))
+    if not path.exists() and source.startswith("../"):
+        beside = Path(os.path.abspath(base / source[3:]))
+        if beside.exists():
+            return beside
+    return path
 
 
 def list_images(sources: list[Path], yaml_path: Path) -> list[Path]:
@@ -184,7 +200,7 @@ def parse_label_file(path: Path, nc: int) -> tuple[np.ndarray, str, list[Problem
             continue
         key = tuple(np.round(row, 6))
         if key in seen:
-            problems.append(Problem(path, "duplicate row, dropped", number))
+            problems.append(Problem(path, DUPLICATE_ROW, number))
             continue
         seen.add(key)
         rows.append(row)
@@ -269,9 +285,9 @@ def orphan_labels(images: list[Path]) -> list[Path]:
 
 
 def scan_split(images: list[Path], nc: int, orphans: list[Path]) -> SplitIndex:
-    """Return the usable images of a split with their boxes; unreadable or tiny images, bad rows and the label
-    files without an image (`orphans`, from orphan_labels) become problems."""
-    records = []
+    """Return the usable images of a split with their boxes; unreadable or tiny images, images with bad label rows,
+    those rows and the label files without an image (`orphans`, from orphan_labels) become problems."""
+    records, unlabelled = [], 0
     problems = [Problem(label, "label file without an image, ignored") for label in orphans]
     for image in images:
         try:
@@ -287,10 +303,18 @@ def scan_split(images: list[Path], nc: int, orphans: list[Path]) -> SplitIndex:
         if label.is_file():
             boxes, label_format, label_problems = parse_label_file(label, nc)
             problems += label_problems
+            bad_rows = sum(problem.message != DUPLICATE_ROW for problem in label_problems)
+            if bad_rows:
+                # The objects of the bad rows are in the image all the same: training on it would teach the model
+                # that they are background (YOLOv5 drops such an image too).
+                problems.append(Problem(image, f"skipped: {bad_rows} bad row(s) in {label.name} (above); fix them "
+                                               "to train on this image"))
+                continue
         else:
             boxes, label_format = np.zeros((0, 5), np.float32), "none"
+            unlabelled += 1
         records.append(ImageRecord(image, height, width, boxes, label_format))
-    return SplitIndex(records, problems)
+    return SplitIndex(records, problems, unlabelled)
 
 
 def _fingerprint(images: list[Path], nc: int, orphans: list[Path]) -> str:
@@ -331,6 +355,12 @@ def load_split(spec: DataSpec, split: str, cache_dir: Path | None = None) -> Spl
     if not index.records:
         raise DataError(f"no usable image for '{split}' in {', '.join(map(str, spec.splits[split]))}: "
                         f"{len(index.problems)} problem(s), first: {index.problems[0] if index.problems else '-'}")
+    if index.unlabelled == len(index.records):
+        example = index.records[0].image
+        raise DataError(f"no label file found for any of the {len(index.records)} '{split}' images (from "
+                        f"{spec.yaml_path}): for {example} YOLO reads {label_path_for(example)} (the last images/ "
+                        "folder of the path becomes labels/, the suffix .txt). Put the labels there (an image with "
+                        "no object gets an empty file), or fix the split's path in the yaml.")
     return index
 
 

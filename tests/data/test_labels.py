@@ -148,16 +148,41 @@ def test_images_only_pil_can_read_or_rotate_are_skipped_or_sized_as_loaded(tmp_p
 
 def test_split_scan_reports_problems_and_keeps_good_images(tmp_path):
     yaml_path = make_dataset(tmp_path, {"good": "0 0.5 0.5 0.2 0.2\n", "bad_row": "0 0.5 0.5\n1 0.2 0.2 0.1 0.1\n",
-                                        "background": None, "empty": ""})
+                                        "twice": "1 0.2 0.2 0.1 0.1\n1 0.2 0.2 0.1 0.1\n", "background": None,
+                                        "empty": ""})
     (tmp_path / "images" / "train" / "broken.jpg").write_bytes(b"not a jpeg")
     index = load_split(read_data_yaml(yaml_path), "train")
     by_name = {r.image.stem: r for r in index.records}
-    assert set(by_name) == {"good", "bad_row", "background", "empty"}  # the broken image is skipped
-    assert len(by_name["bad_row"].boxes) == 1 and len(by_name["background"].boxes) == 0
+    # the broken image is skipped, and so is the one with a bad row: its object would be trained as background
+    assert set(by_name) == {"good", "twice", "background", "empty"}
+    assert len(by_name["twice"].boxes) == 1 and len(by_name["background"].boxes) == 0
+    assert index.unlabelled == 1  # "background" has no label file; "empty" has an empty one
     messages = [str(p) for p in index.problems]
     assert any("broken.jpg" in m and "unreadable image" in m for m in messages)
     assert any("bad_row.txt:1" in m for m in messages)
+    assert f"{tmp_path / 'images' / 'train' / 'bad_row.jpg'}: skipped: 1 bad row(s) in bad_row.txt (above); fix " \
+           "them to train on this image" in messages
+    assert any("twice.txt:2: duplicate row, dropped" in m for m in messages)
     assert list(index.instances_per_class(2)) == [1, 1]
+
+
+def test_a_split_without_any_label_file_names_where_labels_are_read(tmp_path):
+    yaml_path = make_dataset(tmp_path, {"a": None, "b": None})
+    with pytest.raises(DataError, match=r"no label file found for any of the 2 'train' images .* for "
+                                        rf"{tmp_path / 'images' / 'train' / 'a.jpg'} YOLO reads "
+                                        rf"{tmp_path / 'labels' / 'train' / 'a.txt'} \(the last images/ folder"):
+        load_split(read_data_yaml(yaml_path), "train")
+    write(tmp_path / "labels" / "train" / "b.txt", "")  # one empty label file: a data set of background images
+    assert len(load_split(read_data_yaml(yaml_path), "train").records) == 2
+
+
+def test_roboflow_paths_one_folder_up_are_read_beside_the_yaml(tmp_path):
+    for split in ("train", "valid"):
+        (tmp_path / "export" / split / "images").mkdir(parents=True)
+    yaml_path = write(tmp_path / "export" / "data.yaml", "train: ../train/images\nval: ../valid/images\nnames: [a]\n")
+    assert read_data_yaml(yaml_path).splits["val"] == [tmp_path / "export" / "valid" / "images"]
+    (tmp_path / "valid" / "images").mkdir(parents=True)  # a path that exists as written is taken as written
+    assert read_data_yaml(yaml_path).splits["val"] == [tmp_path / "valid" / "images"]
 
 
 def test_no_usable_image_is_an_error_naming_the_folder(tmp_path):
