@@ -292,9 +292,15 @@ def export_pt(argv: list[str]) -> None:
     parser.add_argument("checkpoint", help="a tea-lightning .ckpt (pruned or not)")
     parser.add_argument("output", help="the .pt file to write")
     options = parser.parse_args(argv)
-    if Path(options.output).is_dir():
+    output = Path(options.output)
+    if output.is_dir():
         raise ConfigError(f"{options.output} is a folder: give the path of the .pt file to write, e.g. "
-                          f"{Path(options.output) / (Path(options.checkpoint).stem + '.pt')}.")
+                          f"{output / (Path(options.checkpoint).stem + '.pt')}.")
+    if output.suffix == ".ckpt" or output.resolve() == Path(options.checkpoint).resolve():
+        # a half-precision model without optimizer, EMA or pruning state must not take a checkpoint's place
+        raise ConfigError(f"{options.output}: export-pt writes a YOLOv5 .pt (float16, model only) and does not "
+                          f"overwrite or imitate a checkpoint; name the output .pt, e.g. "
+                          f"{output.with_suffix('.pt')}.")
     detector = Detector.from_checkpoint(options.checkpoint)
     path = save_yolov5_checkpoint(detector.model, detector.names, options.output)
     print(f"Wrote {path}: {count_parameters(detector.model):,} parameters, classes {detector.names}, float16 weights "

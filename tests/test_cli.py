@@ -206,13 +206,34 @@ def test_unknown_model_yaml_names_the_option(synthetic_yaml, tmp_path):
                   "--trainer.default_root_dir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("kind, expected", [("missing", "does not exist"),
-                                             ("yolov5", "is not a checkpoint written by tea-lightning fit")])
+@pytest.mark.parametrize("kind, expected", [
+    ("missing", "does not exist: give the path of a tea-lightning .ckpt \\(fit writes best.ckpt and last.ckpt"),
+    ("yolov5", "is not a checkpoint written by tea-lightning fit"),
+    ("folder", "is a folder: give the path of a tea-lightning .ckpt .* \\(best.ckpt there\\)"),
+    ("onnx", "could not be read as a checkpoint \\(a .onnx file is not a PyTorch checkpoint: give a tea-lightning")])
 def test_export_of_what_is_not_our_checkpoint_is_a_clear_error(tmp_path, kind, expected):
-    checkpoint = need(YOLOV5N) if kind == "yolov5" else tmp_path / "nope.ckpt"
+    checkpoint = {"yolov5": need(YOLOV5N), "missing": tmp_path / "nope.ckpt", "folder": tmp_path / "checkpoints",
+                  "onnx": tmp_path / "model.onnx"}[kind]
+    if kind == "folder":
+        checkpoint.mkdir()
+        (checkpoint / "best.ckpt").write_bytes(b"")
+    if kind == "onnx":
+        checkpoint.write_bytes(b"\x08\x07onnx")
     with pytest.raises(SystemExit, match=f"error: checkpoint {checkpoint} {expected}"):
         main(["export-pt", str(checkpoint), str(tmp_path / "out.pt")])
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_export_pt_never_writes_over_a_checkpoint(trained, tmp_path):
+    _, run = trained
+    copy = tmp_path / "best.ckpt"
+    copy.write_bytes((run / "checkpoints" / "best.ckpt").read_bytes())
+    before = copy.read_bytes()
+    for output in (copy, tmp_path / "other.ckpt"):
+        with pytest.raises(SystemExit, match=f"error: {output}: export-pt writes a YOLOv5 .pt .* name the output .pt, "
+                                             f"e.g. {output.with_suffix('.pt')}"):
+            main(["export-pt", str(copy), str(output)])
+    assert copy.read_bytes() == before and not (tmp_path / "other.ckpt").exists()
 
 
 def test_demo_data_command_writes_a_data_set(tmp_path, capsys):

@@ -96,18 +96,28 @@ def inference_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _load(path: str | Path, option: str):
-    """Return the unpickled contents of a weights file, or raise an error that names the file and the option."""
+ANY_WEIGHTS = "a YOLOv5 .pt file or a tea-lightning .ckpt"
+TEA_CHECKPOINT = "a tea-lightning .ckpt (fit writes best.ckpt and last.ckpt in its run folder's checkpoints/)"
+
+
+def _load(path: str | Path, option: str, wanted: str = ANY_WEIGHTS):
+    """Return the unpickled contents of a weights file, or raise an error that names the file, the option and
+    `wanted`, what the option takes."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".pt"))
+        raise ModelConfigError(f"{option} {path} is a folder: give the path of {wanted}"
+                               + (f" ({', '.join(inside)} there)." if inside else "."))
     if not path.is_file():
-        raise ModelConfigError(f"{option} {path} does not exist: give the path of a YOLOv5 .pt file or a "
-                               "tea-lightning .ckpt.")
+        raise ModelConfigError(f"{option} {path} does not exist: give the path of {wanted}.")
     import yolov5.models.yolo  # noqa: F401  puts the package's `models` on sys.path so the pickle resolves
 
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file raises one of many types
-        raise ModelConfigError(f"{option} {path} could not be read as a checkpoint: {err}") from err
+        kind = "" if path.suffix in (".ckpt", ".pt", ".pth") else \
+            f" (a {path.suffix or 'suffix-less'} file is not a PyTorch checkpoint: give {wanted})"
+        raise ModelConfigError(f"{option} {path} could not be read as a checkpoint{kind}: {err}") from err
 
 
 def _pickled_model(checkpoint, path: str | Path, option: str) -> nn.Module:
@@ -135,7 +145,7 @@ def _tea_hyperparameters(checkpoint, path: str | Path, option: str) -> dict:
 def check_tea_checkpoint(path: str | Path, option: str) -> dict:
     """Return the checkpoint at `path`; raise an error that names the file and the option unless it is a
     tea-lightning .ckpt."""
-    checkpoint = _load(path, option)
+    checkpoint = _load(path, option, TEA_CHECKPOINT)
     _tea_hyperparameters(checkpoint, path, option)
     return checkpoint
 

@@ -46,13 +46,15 @@ def benchmark_main(argv: list[str]) -> None:
                         "what export-pt wrote), pruned or not")
     parser.add_argument("--img", type=int, default=None, help="image size (default: the checkpoint's)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
-    parser.add_argument("--runs", type=int, default=30, help="timed runs per figure; the median is reported")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    parser.add_argument("--runs", type=int, default=30,
+                        help="timed runs per figure; the median is reported (default: 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--onnx", type=Path, default=None, help="keep the verified ONNX export here")
     options = parser.parse_args(argv)
-    if not options.checkpoint.is_file():
-        raise ConfigError(f"checkpoint {options.checkpoint} does not exist.")
+    if options.onnx is not None and options.onnx.is_dir():  # found now, not after minutes of timing
+        raise ConfigError(f"--onnx {options.onnx} is a folder: give the path of the .onnx file to write, e.g. "
+                          f"{options.onnx / (options.checkpoint.stem + '.onnx')}.")
     if options.runs < 1 or options.warmup < 0 or min(options.batch) < 1:
         raise ConfigError("--runs and --batch must be at least 1 and --warmup at least 0.")
     if options.threads:

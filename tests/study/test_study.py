@@ -213,6 +213,12 @@ def test_benchmark_prints_batch_1_and_n_latency_of_a_pruned_checkpoint(study, tm
     assert all(float(ms) > 0 for *_, ms in found)
 
 
+def test_benchmark_refuses_an_onnx_folder_before_any_timing(tmp_path):
+    with pytest.raises(ConfigError, match=f"--onnx {tmp_path} is a folder: give the path of the .onnx file to write, "
+                                          f"e.g. {tmp_path / 'never_read.onnx'}"):
+        benchmark_main([str(tmp_path / "never_read.ckpt"), "--onnx", str(tmp_path)])  # checked before the file is read
+
+
 def test_benchmark_times_a_yolov5_pt_that_export_pt_wrote(study, tmp_path, capsys):
     out, *_ = study
     checkpoint = json.loads((out / STATE_FILE).read_text())["steps"]["yolov5n/finetune-0.3"]["checkpoint"]
