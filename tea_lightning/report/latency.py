@@ -15,6 +15,22 @@ from torch import nn
 from tea_lightning.model.weights import inference_model
 
 
+# Share of all CPUs that other processes may keep busy before a latency figure is flagged as taken on a busy machine.
+BUSY_CPU_SHARE = 0.25
+
+
+def other_cpu_load(seconds: float = 0.5) -> float:
+    """Return the share of all CPUs (0-1) kept busy over `seconds` while this process sleeps: other processes' load.
+
+    PyTorch eager splits each layer over its threads and waits for the slowest, so with another job on the same
+    cores its latency comes out many times too slow (10-100x measured on 2 cores) while ONNX Runtime suffers far
+    less; figures taken then cannot be compared with figures taken on a quiet machine.
+    """
+    import psutil
+
+    return psutil.cpu_percent(interval=seconds) / 100
+
+
 @dataclass
 class Latency:
     """Median and spread of repeated timed runs, in milliseconds."""

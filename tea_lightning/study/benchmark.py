@@ -4,6 +4,7 @@ ONNX Runtime, after an ONNX export checked against PyTorch's output."""
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,28 +13,37 @@ from torch import nn
 
 from tea_lightning.errors import ConfigError
 from tea_lightning.model.complexity import count_parameters, gflops
-from tea_lightning.report.latency import Latency, export_onnx, onnx_latency, torch_latency
+from tea_lightning.report.latency import BUSY_CPU_SHARE, Latency, export_onnx, onnx_latency, other_cpu_load, \
+    torch_latency
 
 
 def latencies(model: nn.Module, img_size: int, batches: list[int], onnx_path: Path | None, runs: int = 30,
-              warmup: int = 5) -> list[Latency]:
+              warmup: int = 5) -> tuple[list[Latency], float]:
     """Return PyTorch latencies for each batch size and, when `onnx_path` is given, ONNX Runtime's too (after
-    exporting there and checking the export), all with torch's thread count."""
+    exporting there and checking the export), all with torch's thread count; and the share of the CPUs that other
+    processes kept busy just before (with a warning on stderr when it is over BUSY_CPU_SHARE)."""
+    busy = other_cpu_load()
+    if busy > BUSY_CPU_SHARE:
+        print(f"Warning: other processes kept {busy:.0%} of the CPUs busy just before timing: PyTorch eager latency "
+              "can come out many times too slow on a shared CPU. Time on a quiet machine (tea-lightning benchmark "
+              "CKPT) to compare models.", file=sys.stderr)
     threads = torch.get_num_threads()
     results = [torch_latency(model, img_size, b, runs, warmup) for b in batches]
     if onnx_path is not None:
         export_onnx(model, onnx_path, img_size)
         results += [onnx_latency(onnx_path, img_size, b, threads, runs, warmup) for b in batches]
-    return results
+    return results, busy
 
 
 def measure(model: nn.Module, img_size: int, onnx_path: Path | None, runs: int = 30, warmup: int = 5) -> dict:
-    """Return params, GFLOPs, batch-1 latencies (ms; ONNX Runtime's None without `onnx_path`), the thread count and,
-    when exported, the ONNX file's size in MB: the figures a study compares models by."""
-    found = {lat.backend: lat.median_ms for lat in latencies(model, img_size, [1], onnx_path, runs, warmup)}
+    """Return params, GFLOPs, batch-1 latencies (ms; ONNX Runtime's None without `onnx_path`), the thread count, the
+    other processes' CPU load when timed and, when exported, the ONNX file's size in MB: the figures a study
+    compares models by."""
+    timed, busy = latencies(model, img_size, [1], onnx_path, runs, warmup)
+    found = {lat.backend: lat.median_ms for lat in timed}
     return {"params": count_parameters(model), "GFLOPs": gflops(model, img_size),
             "latency_pytorch_ms": found["pytorch"], "latency_onnxruntime_ms": found.get("onnxruntime"),
-            "latency_threads": torch.get_num_threads(),
+            "latency_threads": torch.get_num_threads(), "latency_cpu_busy": busy,
             "onnx_MB": onnx_path.stat().st_size / 1e6 if onnx_path is not None else None}
 
 
@@ -67,7 +77,7 @@ def benchmark_main(argv: list[str]) -> None:
         raise ConfigError(f"--img must be a multiple of 32, got {img}.")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = options.onnx or Path(tmp) / "model.onnx"
-        results = latencies(model, img, options.batch, onnx_path, options.runs, options.warmup)
+        results, _ = latencies(model, img, options.batch, onnx_path, options.runs, options.warmup)
     print(f"{options.checkpoint}: {count_parameters(model):,} parameters, "
           f"{gflops(model, img):.2f} GFLOPs at {img}x{img}; CPU, {torch.get_num_threads()} threads, "
           f"median of {options.runs} runs after {options.warmup} warm-up runs")

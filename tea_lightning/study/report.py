@@ -14,6 +14,7 @@ import numpy as np
 
 from tea_lightning.errors import ConfigError
 from tea_lightning.model.detector import LOSS_NAMES
+from tea_lightning.report.latency import BUSY_CPU_SHARE
 from tea_lightning.study import figures
 from tea_lightning.study.wandb_runs import RunData, api_available, offline_runs, online_runs
 
@@ -22,6 +23,7 @@ JOB_ORDER = {"baseline": 0, "prune": 1, "finetune": 2, "eval": 3}  # the chain's
 COLUMNS = [("model", "model", "{}"), ("step", "step", "{}"), ("job", "job", "{}"), ("ratio", "ratio", "{:g}"),
            ("params", "params", "{:,}"), ("GFLOPs", "GFLOPs", "{:.3f}"),
            ("PyTorch ms (b1)", "latency_pytorch_ms", "{:.1f}"), ("ORT ms (b1)", "latency_onnxruntime_ms", "{:.1f}"),
+           ("CPU busy", "latency_cpu_busy", "{:.0%}"),
            ("ckpt MB", "ckpt_MB", "{:.1f}"), ("ONNX MB", "onnx_MB", "{:.1f}"), ("mAP50", "mAP50", "{:.4f}"),
            ("mAP50-95", "mAP50-95", "{:.4f}"), ("P", "precision", "{:.3f}"), ("R", "recall", "{:.3f}"),
            ("F1", "f1", "{:.3f}"), ("W&B run", "run", "{}")]
@@ -76,6 +78,16 @@ def _delta(value, base) -> str:
     return "" if value is None or not base else f" ({value / base - 1:+.0%})"
 
 
+def _timed_on_a_busy_cpu(row: dict) -> bool:
+    return (row.get("latency_cpu_busy") or 0) > BUSY_CPU_SHARE
+
+
+def _latency(row: dict, key: str, base: dict) -> str:
+    """Return a latency cell: the figure, its change against the baseline, and * when timed on a busy CPU."""
+    return _cell(row.get(key), "{:.1f}") + _delta(row.get(key), base.get(key)) \
+        + (" *" if _timed_on_a_busy_cpu(row) else "")
+
+
 def comparison(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Return the before/after fine-tuning table: per model and ratio, cost (change against the baseline) and
     mAP right after pruning and after fine-tuning."""
@@ -96,10 +108,7 @@ def comparison(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             table.append([model, "baseline" if not ratio else f"{ratio:g}",
                           f"{shown['params']:,}{_delta(shown['params'], b.get('params'))}",
                           f"{shown['GFLOPs']:.3f}{_delta(shown['GFLOPs'], b.get('GFLOPs'))}",
-                          _cell(shown.get("latency_pytorch_ms"), "{:.1f}")
-                          + _delta(shown.get("latency_pytorch_ms"), b.get("latency_pytorch_ms")),
-                          _cell(shown.get("latency_onnxruntime_ms"), "{:.1f}")
-                          + _delta(shown.get("latency_onnxruntime_ms"), b.get("latency_onnxruntime_ms")),
+                          _latency(shown, "latency_pytorch_ms", b), _latency(shown, "latency_onnxruntime_ms", b),
                           f"{before['mAP50']:.4f} / {before['mAP50-95']:.4f}" if before else "-",
                           f"{after['mAP50']:.4f} / {after['mAP50-95']:.4f}" if after else "-",
                           _cell(after and after["f1"], "{:.3f}")])
@@ -167,6 +176,11 @@ def write_report(rows: list[dict], out: Path, title: str) -> tuple[Path, Path]:
             "one-shot pruning (no fine-tuning), `eval` a reloaded best checkpoint. Latency: CPU, batch 1, median, "
             f"{'/'.join(map(str, threads)) or '?'} thread(s); checkpoint size includes optimizer state and raw "
             "weights beside the EMA, ONNX size is the deployable model.")
+    busy = [r for r in rows if _timed_on_a_busy_cpu(r)]
+    if busy:
+        note += (f" Latencies marked * ({len(busy)} run(s)) were timed while other processes kept more than "
+                 f"{BUSY_CPU_SHARE:.0%} of the CPUs busy (column CPU busy): PyTorch eager figures can then be many "
+                 "times too slow. Time those checkpoints again on a quiet machine with `tea-lightning benchmark`.")
     sections = [("Before and after fine-tuning", comparison(rows), "tradeoff"), ("Every run", (header, every),
                                                                                 "curves"),
                 ("Losses", None, "losses")]

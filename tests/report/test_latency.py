@@ -1,5 +1,10 @@
 """Latency measurement and ONNX export of pruned and unpruned models."""
 
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -7,7 +12,27 @@ import torch
 
 from tea_lightning.model.weights import build_model, inference_model
 from tea_lightning.pruning import prune
-from tea_lightning.report.latency import export_onnx, onnx_latency, torch_latency
+from tea_lightning.report.latency import BUSY_CPU_SHARE, export_onnx, onnx_latency, other_cpu_load, torch_latency
+from tea_lightning.study.benchmark import latencies
+
+
+@pytest.fixture
+def busy_cpus():
+    """Keep every CPU busy with a spinning process while the test runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    time.sleep(0.5)  # let them start
+    yield
+    for spinner in spinners:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_other_processes_load_is_seen_and_latency_timed_under_it_comes_with_a_warning(busy_cpus, capsys):
+    assert other_cpu_load() > 0.6
+    model = build_model("yolov5n.yaml", nc=4)
+    timed, busy = latencies(model, 64, [1], None, runs=2, warmup=0)
+    assert busy > BUSY_CPU_SHARE and [lat.backend for lat in timed] == ["pytorch"]
+    assert f"Warning: other processes kept {busy:.0%} of the CPUs busy just before timing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ratio", [None, 0.3])

@@ -161,6 +161,25 @@ def test_a_report_of_two_studies_keeps_each_studys_rows_apart(study, tmp_path, m
         assert f"]({name})" in md and (tmp_path / name).is_file()
 
 
+def test_report_marks_latencies_timed_on_a_busy_cpu(study, tmp_path, monkeypatch):
+    out, *_ = study
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    state = json.loads((out / STATE_FILE).read_text())
+    tuned = state["steps"]["yolov5n/eval-0.3"]["run_id"]
+    runs = [dataclasses.replace(run, summary={**run.summary, "final/latency_cpu_busy": 0.8}) if run.id == tuned
+            else run for run in offline_runs([out])]
+    assert all(0 <= run.summary["final/latency_cpu_busy"] <= 1 for run in runs)  # every step records it
+    monkeypatch.setattr(tea_lightning.study.report, "offline_runs", lambda folders: runs)
+    report_main([str(out), "--out", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    comparison = md.split("## Before and after fine-tuning")[1].split("## Every run")[0]
+    (tuned_row,) = [line for line in comparison.splitlines() if line.startswith("| yolov5n | 0.3 |")]
+    (base_row,) = [line for line in comparison.splitlines() if line.startswith("| yolov5n | baseline |")]
+    assert tuned_row.count(" *") == 2 and " *" not in base_row  # PyTorch and ONNX Runtime cells of that run
+    assert "Latencies marked * (1 run(s)) were timed while other processes kept more than 25% of the CPUs busy" in md
+    assert "| 80% |" in md.split("## Every run")[1]
+
+
 def test_pareto_front_keeps_only_points_nothing_beats():
     costs = np.array([1.0, 2.0, 2.0, 3.0, 4.0])
     scores = np.array([0.1, 0.3, 0.2, 0.25, 0.5])
