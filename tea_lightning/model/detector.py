@@ -22,7 +22,7 @@ from tea_lightning.model.recipe import ExponentialMovingAverage, Recipe, apply_s
 from tea_lightning.model.weights import build_model, check_tea_checkpoint, inference_model, read_model, \
     read_weights, set_layer_memory_format, transfer_weights
 from tea_lightning.pruning.callback import ChannelPruning, check_resumed_with_pruning
-from tea_lightning.pruning.structure import StructureMismatch, resize_to_state_dict
+from tea_lightning.pruning.structure import StructureMismatch, resize_to_state_dict, with_classes_of
 from tea_lightning.rundir import run_dir
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,9 @@ class Detector(pl.LightningModule):
         self.model = build_model(model_cfg, nc)
         if weights:
             state, ours = read_weights(weights)
-            if ours:  # our own checkpoint, pruned or not: take its architecture, then every tensor must fit
-                resize_to_state_dict(self.model, state, source=f"--model.weights {weights}")
+            if ours:  # our own checkpoint, pruned or not: take its architecture (the head: this data set's classes)
+                resize_to_state_dict(self.model, with_classes_of(self.model, state),
+                                     source=f"--model.weights {weights}")
             else:
                 self._take_pruned_architecture(state, weights)
             transferred, total = transfer_weights(self.model, state)
@@ -124,9 +125,9 @@ class Detector(pl.LightningModule):
         """Narrow the model to a YOLOv5 .pt's layers where it is a pruned copy of it (export-pt of a pruned
         checkpoint, or a model pruned by torch-pruning's YOLOv5 example)."""
         try:
-            narrowed = resize_to_state_dict(self.model, state)
+            narrowed = resize_to_state_dict(self.model, with_classes_of(self.model, state))
         except StructureMismatch:
-            return  # not a pruned copy (e.g. the official COCO weights, with a head for 80 classes): transfer below
+            return  # not a pruned copy (e.g. weights of another model yaml): every tensor that fits transfers below
         if narrowed:
             rank_zero_info(f"{weights} is a pruned {Path(self.hparams.model_cfg).stem}: {narrowed} of its layers are "
                            "narrower than the yaml's, and the model takes their sizes")

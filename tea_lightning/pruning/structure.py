@@ -24,6 +24,24 @@ def detect_output_convs(model: nn.Module) -> list[nn.Conv2d]:
     return [conv for module in model.modules() if isinstance(module, Detect) for conv in module.m]
 
 
+def with_classes_of(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """Return `state_dict` with the output convolutions of `model`'s Detect heads shaped for `model`'s class count
+    (keeping their stored, possibly pruned, input channels; the values are placeholders), so that
+    `resize_to_state_dict` takes a checkpoint's architecture for a data set with other classes. Loading follows
+    with the original state dict, whose head then does not fit and is left freshly initialised."""
+    names = {id(module): name for name, module in model.named_modules()}
+    adapted = dict(state_dict)
+    for conv in detect_output_convs(model):
+        key = f"{prefix}{names[id(conv)]}."
+        stored = state_dict.get(key + "weight")
+        if stored is None or stored.shape[0] == conv.out_channels:
+            continue
+        adapted[key + "weight"] = torch.empty(conv.out_channels, *stored.shape[1:])
+        if key + "bias" in state_dict:
+            adapted[key + "bias"] = torch.empty(conv.out_channels)
+    return adapted
+
+
 def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "",
                          source: str = "") -> int:
     """Return how many Conv2d/BatchNorm2d modules of `model` were shrunk to the shapes stored in `state_dict`.
@@ -92,8 +110,9 @@ def _check_resizable(module: nn.Module, anchors: int | None, key: str, current: 
                                 f"{type(module).__name__}: {_RETRAIN_HINT}.")
     if anchors and stored.shape[0] != current.shape[0]:
         raise StructureMismatch(f"{shapes}: the checkpoint detects {stored.shape[0] // anchors - 5} classes, this "
-                                f"model {current.shape[0] // anchors - 5} (the data set's). The detection head is "
-                                "never pruned: use the data set the checkpoint was trained with.")
+                                f"model {current.shape[0] // anchors - 5} (the data set's). Evaluate or resume it on "
+                                "the data set it was trained with; to fine-tune it on this one, give it as "
+                                "--model.weights (every layer but the detection head is transferred).")
     # Pruning only removes channels: a larger stored tensor comes from a wider model.
     if any(s > c for s, c in zip(stored.shape, current.shape)):
         raise StructureMismatch(f"{shapes}, which is larger, so it was not pruned from this model: {_RETRAIN_HINT}.")

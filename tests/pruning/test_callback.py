@@ -90,6 +90,23 @@ def test_pruned_checkpoint_validates_to_the_same_metrics(pruned_run, synthetic_y
     assert count_parameters(check.model.model) == count_parameters(cli.model.model)
 
 
+def test_a_pruned_checkpoint_as_weights_for_a_data_set_with_other_classes_keeps_all_but_the_head(
+        pruned_run, synthetic_yaml, tmp_path, caplog):
+    cli, run, _ = pruned_run
+    caplog.set_level(logging.INFO)
+    three = yaml.safe_load(synthetic_yaml.read_text())
+    three.update(names=["bud", "leaf", "stem"], nc=3, path=str(synthetic_yaml.parent))
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(three))
+    check = cli_main(["validate", *FAST, "--data.data_yaml", str(tmp_path / "three.yaml"), "--model.weights",
+                      str(run / "checkpoints" / "best.ckpt"), "--trainer.default_root_dir", str(tmp_path)])
+    pruned, adapted = output_channels(cli.model.model), output_channels(check.model.model)
+    heads = {name for name in pruned if re.fullmatch(r"model\.24\.m\.\d", name)}
+    assert len(heads) == 3 and {pruned[h] for h in heads} == {3 * (2 + 5)} and {adapted[h] for h in heads} == {3 * 8}
+    assert {k: v for k, v in adapted.items() if k not in heads} == {k: v for k, v in pruned.items() if k not in heads}
+    total = len(check.model.model.state_dict())
+    assert f"Transferred {total - 6}/{total} tensors" in caplog.text  # the heads' weights and biases start afresh
+
+
 def test_validating_a_pruned_checkpoint_with_the_callback_says_it_does_not_prune_again(pruned_run, synthetic_yaml,
                                                                                        tmp_path, caplog):
     cli, run, _ = pruned_run
