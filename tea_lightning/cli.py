@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import pydoc
+import signal
 import sys
 import tempfile
 import warnings
@@ -126,6 +128,10 @@ class TeaCLI(LightningCLI):
             # a file that need not exist any more (a checkpoint moved to another machine).
             config.model.weights = None
         if self.subcommand in ("validate", "test", "predict"):
+            if not config.get("ckpt_path") and not config.model.weights:
+                rank_zero_warn(f"{self.subcommand} without --ckpt_path or --model.weights: the model's weights are "
+                               "freshly initialised, so what it finds means nothing. Give a trained checkpoint "
+                               "(--ckpt_path best.ckpt) or weights (--model.weights yolov5n.pt).")
             config.model.teacher = None  # only training distils; a checkpoint names a teacher that may be gone
             # Only fit writes checkpoints (best, last, on an interruption); elsewhere Lightning would still restore
             # the checkpoint callbacks' state from --ckpt_path and warn that their folder has changed
@@ -309,10 +315,12 @@ def export_pt(argv: list[str]) -> None:
 
 def check_data(argv: list[str]) -> None:
     """Print a data set's summary (images, instances per class, label format, problems) without training."""
-    from tea_lightning.data.labels import load_split, read_data_yaml
+    from tea_lightning.data.labels import DataError, load_split, read_data_yaml
 
     parser = argparse.ArgumentParser(prog="tea-lightning check-data", description=check_data.__doc__)
     parser.add_argument("data_yaml", help="a YOLO data.yaml")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when any problem is found (for a CI check of a data set)")
     options = parser.parse_args(argv)
     spec = read_data_yaml(options.data_yaml)
     print(f"{spec.yaml_path}: {spec.nc} classes ({', '.join(spec.names)})")
@@ -323,6 +331,8 @@ def check_data(argv: list[str]) -> None:
         print(index.summary(split, spec.names))
     if problems:
         print(f"{problems} problem(s): the rows and images named above are skipped in training and validation.")
+        if options.strict:
+            raise DataError(f"{spec.yaml_path}: {problems} problem(s), listed above (--strict).")
 
 
 EXTRA_COMMANDS = {"demo": demo, "demo-data": demo_data, "export-pt": export_pt, "check-data": check_data,
@@ -362,14 +372,22 @@ def _with_installed_configs(args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `tea-lightning` command: errors the user can fix end in their message and status 1."""
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print("Also: " + ", ".join(f"tea-lightning {name} ({fn.__doc__.splitlines()[0]})"
-                                   for name, fn in EXTRA_COMMANDS.items()) + "\n")
     try:
+        if args and args[0] in ("-h", "--help"):
+            width = max(map(len, EXTRA_COMMANDS))
+            print("Besides fit, validate, test and predict (below), each with its own --help:\n" + "".join(
+                f"  tea-lightning {name:<{width}}  {fn.__doc__.splitlines()[0]}\n"
+                for name, fn in EXTRA_COMMANDS.items()))
         if args and args[0] in EXTRA_COMMANDS:
             EXTRA_COMMANDS[args[0]](args[1:])
         else:
             cli_main(_with_installed_configs(args))
+        sys.stdout.flush()  # here, so that a reader gone away (below) is met inside this handler, not at exit
+    except BrokenPipeError:
+        # the reader of our output has gone (`tea-lightning check-data ... | head`): stop quietly, as Unix tools do;
+        # Python would otherwise report the pipe again while flushing stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except Exception as err:
         cause = _user_error_in(err)
         if cause is None:

@@ -2,6 +2,10 @@
 predict writes images and labels, and bad options fail clearly."""
 
 import csv
+import logging
+import signal
+import subprocess
+import sys
 import time
 
 import cv2
@@ -167,12 +171,27 @@ def test_predict_keeps_apart_images_that_differ_only_in_extension_and_counts_the
     assert f"Predicted 2 image(s): {len(boxes)} box(es) ({found}) at confidence >= 0.01" in caplog.text
 
 
-def test_validate_with_official_weights_and_no_training(synthetic_yaml, tmp_path):
+def untrained_warnings(recwarn) -> list[str]:
+    return [str(w.message) for w in recwarn if "freshly initialised" in str(w.message)]
+
+
+def test_validate_with_official_weights_and_no_training(synthetic_yaml, tmp_path, recwarn):
     cli = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
                     str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path), "--model.plots", "true"])
     assert 0 <= cli.trainer.callback_metrics["val/mAP50"].item() <= 1
+    assert not untrained_warnings(recwarn)
     assert {p.name for p in tmp_path.glob("version_0/plots/val/*.png")} == {
         "PR_curve.png", "P_curve.png", "R_curve.png", "F1_curve.png"}
+
+
+def test_test_without_weights_warns_that_the_model_is_untrained_and_says_it_tests_on_val(synthetic_yaml, tmp_path,
+                                                                                         recwarn, caplog):
+    caplog.set_level(logging.INFO)
+    cli_main(["test", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.default_root_dir", str(tmp_path)])
+    assert untrained_warnings(recwarn) == [
+        "test without --ckpt_path or --model.weights: the model's weights are freshly initialised, so what it finds "
+        "means nothing. Give a trained checkpoint (--ckpt_path best.ckpt) or weights (--model.weights yolov5n.pt)."]
+    assert f"{synthetic_yaml} has no test split: testing on the val split." in caplog.text
 
 
 @pytest.mark.parametrize("command", ["fit", "validate"])
@@ -263,6 +282,17 @@ def test_wandb_offline_run_holds_the_config_params_and_gflops(synthetic_yaml, tm
     assert not (tmp_path / "wandb").exists()
 
 
+@pytest.mark.parametrize("args", [["check-data", "DATA"], ["--help"]])
+def test_output_piped_to_a_reader_that_has_gone_ends_quietly(synthetic_yaml, args):
+    # as `tea-lightning check-data DATA | head -1` once the reader has exited
+    command = subprocess.Popen([sys.executable, "-m", "tea_lightning.cli",
+                                *[str(synthetic_yaml) if a == "DATA" else a for a in args]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command.stdout.close()
+    errors = command.stderr.read()
+    assert command.wait() == 128 + signal.SIGPIPE and "Traceback" not in errors and "Exception ignored" not in errors
+
+
 def test_check_data_prints_the_summary_and_problems(synthetic_yaml, tmp_path, capsys):
     main(["check-data", str(synthetic_yaml)])
     out = capsys.readouterr().out
@@ -273,6 +303,9 @@ def test_check_data_prints_the_summary_and_problems(synthetic_yaml, tmp_path, ca
     label.write_text(label.read_text() + "7 0.5 0.5 0.1 0.1\n")
     main(["check-data", str(broken / "data.yaml")])
     out = capsys.readouterr().out
-    assert f"{label}:" in out and "class id 7" in out and "1 problem(s)" in out
+    assert f"{label}:" in out and "class id 7" in out and "2 problem(s)" in out  # the row, and its image skipped
+    main(["check-data", str(synthetic_yaml), "--strict"])  # no problem: no error
+    with pytest.raises(SystemExit, match=r"error: .*d/data.yaml: 2 problem\(s\), listed above \(--strict\)"):
+        main(["check-data", str(broken / "data.yaml"), "--strict"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["check-data", str(tmp_path / "missing.yaml")])

@@ -118,6 +118,8 @@ class YoloDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Return the test loader: the `test` split, or `val` when the yaml has none."""
         name = "test" if "test" in self.spec.splits else "val"
+        if name == "val":
+            rank_zero_info(f"{self.spec.yaml_path} has no test split: testing on the val split.")
         return self._loader(EvalDataset(self.split(name).records, self.img_size), self.batch_size * 2, False)
 
     def predict_dataloader(self) -> DataLoader:

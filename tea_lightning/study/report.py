@@ -164,8 +164,9 @@ def _html(header: list[str], table: list[list[str]]) -> str:
         + "</table>"
 
 
-def write_report(rows: list[dict], out: Path, title: str) -> tuple[Path, Path]:
-    """Write report.md and report.html (figures beside them, linked relatively); return both paths."""
+def write_report(rows: list[dict], out: Path, title: str, unfinished: list[str] = ()) -> tuple[Path, Path]:
+    """Write report.md and report.html (figures beside them, linked relatively); return both paths. `unfinished`
+    names the study's steps that have a W&B run but no results yet (interrupted)."""
     out.mkdir(parents=True, exist_ok=True)
     every = [[_cell(r.get(key), fmt) for _, key, fmt in COLUMNS] for r in rows]
     header = [c for c, _, _ in COLUMNS]
@@ -176,6 +177,9 @@ def write_report(rows: list[dict], out: Path, title: str) -> tuple[Path, Path]:
             "one-shot pruning (no fine-tuning), `eval` a reloaded best checkpoint. Latency: CPU, batch 1, median, "
             f"{'/'.join(map(str, threads)) or '?'} thread(s); checkpoint size includes optimizer state and raw "
             "weights beside the EMA, ONNX size is the deployable model.")
+    if unfinished:
+        note += (f" Unfinished steps (a W&B run without final results, e.g. an interrupted fit; their cells show -): "
+                 f"{', '.join(unfinished)}. Run the same `tea-lightning sweep` command again to finish them.")
     busy = [r for r in rows if _timed_on_a_busy_cpu(r)]
     if busy:
         note += (f" Latencies marked * ({len(busy)} run(s)) were timed while other processes kept more than "
@@ -253,10 +257,14 @@ def report_main(argv: list[str]) -> None:
         where = f"in {', '.join(map(str, options.runs))}" if options.runs else \
             "(no folder given: name the sweep's --out folder, e.g. tea-lightning report runs/study)"
         raise ConfigError(f"no sweep runs (W&B runs with final/* results) found {where}"
-                          + (f" for study {options.study!r}" if options.study else "") + ".")
+                          + (f" for study {options.study!r}" if options.study else "") + ". `report` compares the "
+                          "steps of a `tea-lightning sweep` study (give its --out folder); for single checkpoints "
+                          "use `tea-lightning validate --ckpt_path CKPT` and `tea-lightning benchmark CKPT`.")
     out = options.out or (options.runs[0] if options.runs else Path(".")) / "report"
     studies = sorted({r["data"].group for r in rows})
-    md_path, html_path = write_report(rows, out, f"Pruning study: {', '.join(studies)}")
+    unfinished = sorted(f"{run.config.get('model', '?')}/{run.config.get('step', run.name)}" for run in runs
+                        if run.job_type in JOB_ORDER and "final/mAP50" not in run.summary)
+    md_path, html_path = write_report(rows, out, f"Pruning study: {', '.join(studies)}", unfinished)
     print(f"Report of {len(rows)} runs: {md_path} and {html_path}")
     if online:
         for study in studies:

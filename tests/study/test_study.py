@@ -180,6 +180,26 @@ def test_report_marks_latencies_timed_on_a_busy_cpu(study, tmp_path, monkeypatch
     assert "| 80% |" in md.split("## Every run")[1]
 
 
+def test_report_names_unfinished_steps_and_what_finishes_them(study, tmp_path, monkeypatch):
+    out, *_ = study
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    state = json.loads((out / STATE_FILE).read_text())
+    interrupted = state["steps"]["yolov5n/finetune-0.3"]["run_id"]
+    runs = [dataclasses.replace(run, summary={k: v for k, v in run.summary.items() if not k.startswith("final/")})
+            if run.id == interrupted else run for run in offline_runs([out])]
+    monkeypatch.setattr(tea_lightning.study.report, "offline_runs", lambda folders: runs)
+    report_main([str(out), "--out", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    assert "Unfinished steps (a W&B run without final results, e.g. an interrupted fit; their cells show -): " \
+           "yolov5n/finetune-0.3. Run the same `tea-lightning sweep` command again to finish them." in md
+    monkeypatch.undo()
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no sweep runs .* `report` compares the steps of a `tea-lightning sweep` "
+                                          "study .* use `tea-lightning validate --ckpt_path CKPT`"):
+        report_main([str(tmp_path / "empty")])
+
+
 def test_pareto_front_keeps_only_points_nothing_beats():
     costs = np.array([1.0, 2.0, 2.0, 3.0, 4.0])
     scores = np.array([0.1, 0.3, 0.2, 0.25, 0.5])
