@@ -355,7 +355,7 @@ def _with_installed_configs(args: list[str]) -> list[str]:
     for i, arg in enumerate(args):
         if arg.startswith("--config="):
             index, prefix = i, "--config="
-        elif arg == "--config" and i + 1 < len(args):
+        elif arg in ("--config", "-c") and i + 1 < len(args):
             index, prefix = i + 1, ""
         else:
             continue

@@ -42,7 +42,7 @@ def _printed_config(capsys, *args):
 
 def test_a_configs_path_missing_here_falls_back_to_the_installed_copy(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    printed = _printed_config(capsys, "--config", "configs/yolov5n.yaml", "--config=configs/prune/ratio_03.yaml")
+    printed = _printed_config(capsys, "-c", "configs/yolov5n.yaml", "--config=configs/prune/ratio_03.yaml")
     assert f"configs/yolov5n.yaml is not in {tmp_path}: using the copy installed with tea-lightning, " \
            f"{CONFIG_DIR / 'yolov5n.yaml'}" in printed.err
     assert str(CONFIG_DIR / "prune" / "ratio_03.yaml") in printed.err
