@@ -187,7 +187,9 @@ def test_validate_with_official_weights_and_no_training(synthetic_yaml, tmp_path
 def test_test_without_weights_warns_that_the_model_is_untrained_and_says_it_tests_on_val(synthetic_yaml, tmp_path,
                                                                                          recwarn, caplog):
     caplog.set_level(logging.INFO)
-    cli_main(["test", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.default_root_dir", str(tmp_path)])
+    cli = cli_main(["test", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.default_root_dir",
+                    str(tmp_path)])
+    assert cli.trainer.callback_metrics["test/seconds"] > 0  # as val/seconds in validate
     assert untrained_warnings(recwarn) == [
         "test without --ckpt_path or --model.weights: the model's weights are freshly initialised, so what it finds "
         "means nothing. Give a trained checkpoint (--ckpt_path best.ckpt) or weights (--model.weights yolov5n.pt)."]

@@ -10,7 +10,7 @@ from pytorch_lightning import Callback
 
 class TrainingSpeed(Callback):
     """Logs per epoch `train/images_per_s` (all processes together, training batches only), `train/seconds`,
-    `train/data_wait_share` and `val/seconds`. Lightning validates inside the training epoch (at its end, and
+    `train/data_wait_share` and `val/seconds` (`test/seconds` in `test`). Lightning validates inside the training epoch (at its end, and
     mid-epoch with `val_check_interval` < 1), so validation time is taken out of the training figures.
 
     `train/data_wait_share` is the share of the training time the loop spent between one batch's end and the next
@@ -48,6 +48,12 @@ class TrainingSpeed(Callback):
         if self._start is not None:  # inside a training epoch: neither training time nor waiting for data
             self._validating += seconds
             self._last_batch_end += seconds
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._test_start = time.perf_counter()
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("test/seconds", time.perf_counter() - self._test_start, rank_zero_only=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         seconds = self._last_batch_end - self._start - self._validating
