@@ -98,8 +98,9 @@ class DetectionWriter(BasePredictionWriter):
             label = f"{names[int(cls)]} {conf:.2f}"
             scale = thickness / 3
             (w, h), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, max(thickness - 1, 1))
-            top = p1[1] - h - 3 if p1[1] - h - 3 >= 0 else p1[1] + h + 3
-            cv2.rectangle(image, (p1[0], top), (p1[0] + w, p1[1]), colour, -1, cv2.LINE_AA)
-            cv2.putText(image, label, (p1[0], max(p1[1] - 2, h)), cv2.FONT_HERSHEY_SIMPLEX, scale,
+            above = p1[1] - h - 3 >= 0  # else (a box at the image's top edge) the tag goes inside the box
+            tag_edge, baseline = (p1[1] - h - 3, p1[1] - 2) if above else (p1[1] + h + 3, p1[1] + h + 1)
+            cv2.rectangle(image, (p1[0], tag_edge), (p1[0] + w, p1[1]), colour, -1, cv2.LINE_AA)
+            cv2.putText(image, label, (p1[0], baseline), cv2.FONT_HERSHEY_SIMPLEX, scale,
                         (255, 255, 255), max(thickness - 1, 1), cv2.LINE_AA)
         return image
