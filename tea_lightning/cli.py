@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 import pydoc
+import random
 import signal
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from jsonargparse import Namespace  # noqa: E402
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger, WandbLogger  # noqa: E402
-from pytorch_lightning.utilities import rank_zero_warn  # noqa: E402
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException  # noqa: E402
 
 from tea_lightning import CONFIG_DIR  # noqa: E402
@@ -101,6 +102,12 @@ class TeaCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)  # runs before Lightning reads the checkpoint's hyperparameters
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        if config.get("seed_everything") is True:
+            # "a random seed", as --help says; Lightning 2.6 seeds 0 instead. The DDP processes that Lightning
+            # launches (LOCAL_RANK > 0) take the seed the first one drew, which they inherit as PL_GLOBAL_SEED.
+            inherited = os.environ.get("PL_GLOBAL_SEED") if int(os.environ.get("LOCAL_RANK", 0)) > 0 else None
+            config.seed_everything = int(inherited or random.SystemRandom().randrange(2**31))
+            rank_zero_info(f"Random seed: {config.seed_everything} (saved in the run's config.yaml)")
         self.run_settings = {name: config.model[name] for name in RUN_SETTINGS}
         ckpt_path = config.get("ckpt_path")
         # Lightning reads the file next and ends in a traceback when it is missing, truncated or not one of ours;

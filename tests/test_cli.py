@@ -196,6 +196,17 @@ def test_test_without_weights_warns_that_the_model_is_untrained_and_says_it_test
     assert f"{synthetic_yaml} has no test split: testing on the val split." in caplog.text
 
 
+def test_seed_everything_true_draws_a_random_seed_and_saves_it(synthetic_yaml, tmp_path, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    seeds = []
+    for run in ("a", "b"):
+        cli = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights", str(need(YOLOV5N)),
+                        "--trainer.default_root_dir", str(tmp_path / run), "--seed_everything", "true"])
+        seeds.append(cli.config["validate"]["seed_everything"])
+        assert f"seed_everything: {seeds[-1]}" in (tmp_path / run / "version_0" / "config.yaml").read_text()
+    assert all(isinstance(seed, int) for seed in seeds) and seeds[0] != seeds[1]  # Lightning 2.6 gave 0 twice
+
+
 @pytest.mark.parametrize("command", ["fit", "validate"])
 def test_true_half_precision_is_refused_with_the_alternatives(synthetic_yaml, tmp_path, command):
     with pytest.raises(ValueError, match="--trainer.precision bf16-true is not supported.*use 16-mixed or bf16-mixed"):
