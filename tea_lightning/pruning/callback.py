@@ -66,17 +66,19 @@ class ChannelPruning(pl.Callback):
         self.steps_done = 0
         self.channel_ratio: float | None = None  # resolved from macs_reduction on the unpruned model
         self.original_channels: dict[str, int] | None = None  # before the first of several steps
+        self.unpruned_size: tuple[int, int] | None = None  # (parameters, MACs) before the first step
         self._regularizer: SparsityRegularizer | None = None  # built for the current architecture when needed
 
     # ---- state kept in checkpoints, so that resuming never prunes twice ----------------------------------------
     def state_dict(self) -> dict:
         return {"steps_done": self.steps_done, "channel_ratio": self.channel_ratio,
-                "original_channels": self.original_channels}
+                "original_channels": self.original_channels, "unpruned_size": self.unpruned_size}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.steps_done = state_dict["steps_done"]
         self.channel_ratio = state_dict["channel_ratio"]
         self.original_channels = state_dict.get("original_channels")
+        self.unpruned_size = state_dict.get("unpruned_size")  # absent from checkpoints older than it
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         try:
@@ -152,21 +154,35 @@ class ChannelPruning(pl.Callback):
                            original_channels=self.original_channels if steps > 1 else None)
         pl_module.model.zero_grad(set_to_none=True)
         pl_module.apply_memory_format()  # the pruned layers' new tensors come in the default layout
+        if self.steps_done == 0:
+            self.unpruned_size = (result.params_before, result.macs_before)
         self.steps_done += 1
         self._regularizer = None  # its dependency graph holds the modules as they were
         # prune() counted MACs on an img_size input, as the model's GFLOPs figure does: no second trace needed
         after = {"model/params": result.params_after, "model/GFLOPs": macs_to_gflops(result.macs_after)}
+        when = f"at epoch {trainer.current_epoch}" if trainer.state.fn == "fit" else \
+            f"before {trainer.state.fn.value.replace('validate', 'validation')}"
+        total = ""
+        if steps > 1 and self.steps_done == steps and self.unpruned_size:  # the per-step changes do not add up
+            params, macs = self.unpruned_size
+            total = (f"; in all, parameters {result.params_after / params - 1:+.1%} and GFLOPs "
+                     f"{result.macs_after / macs - 1:+.1%} against the unpruned model")
         rank_zero_info(
-            f"Pruning step {self.steps_done}/{steps} at epoch {trainer.current_epoch}: "
+            f"Pruning step {self.steps_done}/{steps} {when}: "
             f"channels -{ratio:.1%} of the unpruned model's, "
             f"parameters {result.params_before:,} -> {result.params_after:,} "
             f"({result.params_after / result.params_before - 1:+.1%}), "
             f"GFLOPs {macs_to_gflops(result.macs_before):.3g} -> {after['model/GFLOPs']:.3g} "
             f"({result.macs_after / result.macs_before - 1:+.1%}"
             # one step starts from the unpruned model, so its MACs change is what macs_reduction asked for
-            + (f"; macs_reduction asked -{self.macs_reduction:.1%})" if self.macs_reduction and steps == 1 else ")"))
+            + (f"; macs_reduction asked -{self.macs_reduction:.1%})" if self.macs_reduction and steps == 1 else ")")
+            + total)
         for logger in trainer.loggers:
-            logger.log_metrics({**after, "model/pruning_steps": self.steps_done}, step=trainer.global_step)
+            # with the epoch, so that size can be plotted against it; the run's config follows the pruned size
+            logger.log_metrics({**after, "model/pruning_steps": self.steps_done, "epoch": trainer.current_epoch},
+                               step=trainer.global_step)
+            logger.log_hyperparams({**after, **({"model/unpruned_params": self.unpruned_size[0]}
+                                                 if self.unpruned_size else {})})
         if trainer.state.fn == "fit":
             self._rebuild_training_state(trainer, pl_module)
             _restart_best_checkpoint(trainer)

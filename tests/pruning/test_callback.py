@@ -139,15 +139,27 @@ def test_library_resume_of_a_pruned_checkpoint_without_the_callback_is_refused(p
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last))
 
 
-def test_iterative_steps_end_with_the_architecture_of_one_step(synthetic_yaml, tmp_path):
+def test_iterative_steps_end_with_the_architecture_of_one_step(synthetic_yaml, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     one_step = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
                          str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path / "once"), *PRUNE]).model
-    unpruned = output_channels(cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml),
-                                         "--trainer.default_root_dir", str(tmp_path / "v")]).model.model)
+    assert "Pruning step 1/1 before validation: channels -30.0%" in caplog.text  # validate has no epochs
+    unpruned_model = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml),
+                               "--trainer.default_root_dir", str(tmp_path / "v")]).model.model
+    unpruned = output_channels(unpruned_model)
     cli = fit(synthetic_yaml, tmp_path / "steps", "--trainer.max_epochs", "3", *PRUNE, "--trainer.callbacks.schedule",
               "[0, 1, 2]")
     assert output_channels(cli.model.model) == output_channels(one_step.model)
     assert pruning_callback(cli).state_dict()["original_channels"] == unpruned  # kept for a resumed run
+    # the last step says what all of them did together; each step's size is logged with its epoch
+    params, before = count_parameters(cli.model.model), count_parameters(unpruned_model)
+    assert "Pruning step 3/3 at epoch 2: channels -30.0% of the unpruned model's" in caplog.text
+    assert f"; in all, parameters {params / before - 1:+.1%} and GFLOPs -" in caplog.text
+    with open(tmp_path / "steps" / "version_0" / "metrics.csv") as f:
+        steps = [(r["epoch"], int(float(r["model/params"]))) for r in csv.DictReader(f) if r.get("model/params")]
+    assert [epoch for epoch, _ in steps] == ["0", "1", "2"] and steps[-1][1] == params
+    hparams = yaml.safe_load((tmp_path / "steps" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["model/params"] == params and hparams["model/unpruned_params"] == before
 
 
 def test_best_checkpoint_is_the_best_model_after_pruning(trained, synthetic_yaml, tmp_path):
