@@ -17,6 +17,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint  # noqa: E402
@@ -87,8 +88,11 @@ class RunConfig(SaveConfigCallback):
         folder.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, folder / "config.yaml", skip_none=False, overwrite=True)
         datamodule = trainer.datamodule
+        # plain YAML types (as config.yaml has them): as_dict() keeps jsonargparse's Path objects for the --config
+        # files, which made CSVLogger's and TensorBoard's hparams.yaml unreadable by yaml.safe_load and Lightning
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": self.config.as_dict(), "stage": stage,
+            logger.log_hyperparams({"config": config, "stage": stage,
                                     **({"data": datamodule.dataset_info()} if datamodule else {})})
 
 

@@ -7,15 +7,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from tea_lightning import Detector, YoloDataModule
 from tea_lightning.cli import cli_main, main
 from tests.conftest import FAST, YOLOV5N, need
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def epoch_metrics(run_dir) -> list[dict]:
@@ -194,6 +198,18 @@ def test_test_without_weights_warns_that_the_model_is_untrained_and_says_it_test
         "test without --ckpt_path or --model.weights: the model's weights are freshly initialised, so what it finds "
         "means nothing. Give a trained checkpoint (--ckpt_path best.ckpt) or weights (--model.weights yolov5n.pt)."]
     assert f"{synthetic_yaml} has no test split: testing on the val split." in caplog.text
+
+
+def test_csv_hparams_of_a_run_with_config_files_read_back_as_plain_yaml(synthetic_yaml, tmp_path):
+    from pytorch_lightning.core.saving import load_hparams_from_yaml
+
+    demo = ROOT / "configs" / "demo.yaml"
+    cli_main(["validate", "--config", str(demo), *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights",
+              str(need(YOLOV5N)), "--trainer.default_root_dir", str(tmp_path)])
+    saved = tmp_path / "version_0" / "hparams.yaml"
+    assert yaml.safe_load(saved.read_text()) == load_hparams_from_yaml(saved)
+    config = load_hparams_from_yaml(saved)["config"]
+    assert config["data"]["data_yaml"] == str(synthetic_yaml) and config["model"]["recipe"]["lr0"] == 0.02  # FAST's
 
 
 def test_seed_everything_true_draws_a_random_seed_and_saves_it(synthetic_yaml, tmp_path, monkeypatch):
