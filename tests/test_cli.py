@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -198,6 +199,25 @@ def test_test_without_weights_warns_that_the_model_is_untrained_and_says_it_test
         "test without --ckpt_path or --model.weights: the model's weights are freshly initialised, so what it finds "
         "means nothing. Give a trained checkpoint (--ckpt_path best.ckpt) or weights (--model.weights yolov5n.pt)."]
     assert f"{synthetic_yaml} has no test split: testing on the val split." in caplog.text
+
+
+def test_fit_ends_with_the_plots_of_its_best_checkpoint_also_when_stopped_before_max_epochs(synthetic_yaml, tmp_path,
+                                                                                            caplog):
+    caplog.set_level(logging.INFO)
+    fit = cli_main(["fit", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.default_root_dir",
+                    str(tmp_path / "fit"), "--model.plots", "true", "--trainer.max_epochs", "50",
+                    "--trainer.max_steps", "12"])  # 4 steps an epoch: stops after epoch 2 of 50
+    best = fit.trainer.checkpoint_callback.best_model_path
+    epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"]
+    plots = tmp_path / "fit" / "version_0" / "plots" / "val"
+    assert f"Plots (the best checkpoint's validation, epoch {epoch}) written to {plots}" in caplog.text
+    assert {p.name for p in plots.glob("*.png")} == {"PR_curve.png", "P_curve.png", "R_curve.png", "F1_curve.png"}
+    cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.default_root_dir",
+              str(tmp_path / "check"), "--model.plots", "true", "--ckpt_path", best])
+    with np.load(plots / "curves.npz") as fitted, \
+            np.load(tmp_path / "check" / "version_0" / "plots" / "val" / "curves.npz") as checked:
+        for name in checked.files:  # the very curves of best.ckpt, not of the last epoch
+            np.testing.assert_allclose(fitted[name], checked[name], atol=1e-6)
 
 
 def test_csv_hparams_of_a_run_with_config_files_read_back_as_plain_yaml(synthetic_yaml, tmp_path):

@@ -65,7 +65,8 @@ class Detector(pl.LightningModule):
         predict_conf_thres: confidence threshold of prediction's NMS (YOLOv5's detect.py: the boxes worth drawing,
             one class per box).
         predict_iou_thres: IoU threshold of prediction's NMS.
-        plots: write precision/recall/F1/PR curves at the end of validation.
+        plots: write precision/recall/F1/PR curves after validate/test, and when fit ends those of the validation
+            of the checkpoint best.ckpt holds.
         teacher: a checkpoint (.ckpt of ours or YOLOv5 .pt, with the same classes and anchors) to distil from while
             training, e.g. the unpruned model when fine-tuning its pruned copy; only used by `fit`.
         distill_weight: weight of the distillation loss against YOLOv5's loss (with `teacher`).
@@ -111,6 +112,7 @@ class Detector(pl.LightningModule):
         self.example_input_array = torch.zeros(1, 3, img_size, img_size)
         self.last_optimizer_step = -1
         self.plot_paths: list[Path] = []
+        self.best_curves = None  # (epoch, curves) of the validation best.ckpt holds, in fit
         self.validation_summary: dict[str, float] = {}  # the last validation's mAP, P/R/F1 and fitness
         self.apply_memory_format()
 
@@ -321,20 +323,30 @@ class Detector(pl.LightningModule):
         for name, ap50, ap in zip(self.names, results["ap50_per_class"], results["ap_per_class"]):
             self.log(f"{stage}/AP50/{name}", float(ap50), sync_dist=True)
             self.log(f"{stage}/AP50-95/{name}", float(ap), sync_dist=True)
-        if self.hparams.plots and self._should_plot():
+        if not self.hparams.plots or self.trainer.sanity_checking:
+            return
+        if self.trainer.state.fn == "fit":
+            self._keep_curves_if_best(results["curves"], summary["fitness"])
+        elif self.trainer.is_global_zero:
             self._write_plots(results["curves"], stage)
 
-    def _should_plot(self) -> bool:
-        """Return whether this evaluation is worth plots: any validate/test, and the last epoch of a fit."""
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return False
-        fitting = self.trainer.state.fn == "fit"
-        return not fitting or self.current_epoch + 1 >= self.trainer.max_epochs
+    def _keep_curves_if_best(self, curves, score: float) -> None:
+        """Keep this validation's curves when it will be best.ckpt (ModelCheckpoint keeps a strictly higher fitness,
+        and ChannelPruning restarts it at a step), so that the fit ends with the plots of the checkpoint it names,
+        however it ends (max_epochs, max_time, max_steps, early stopping)."""
+        best = getattr(self.trainer.checkpoint_callback, "best_model_score", None)
+        if best is None or score > float(best):
+            self.best_curves = (self.current_epoch, curves)
 
-    def _write_plots(self, curves, stage: str) -> None:
+    def on_train_end(self) -> None:
+        if self.best_curves is not None and self.trainer.is_global_zero:
+            epoch, curves = self.best_curves
+            self._write_plots(curves, "val", f" (the best checkpoint's validation, epoch {epoch})")
+
+    def _write_plots(self, curves, stage: str, which: str = "") -> None:
         out_dir = run_dir(self.trainer) / "plots" / stage
         self.plot_paths = plot_curves(curves, self.names, out_dir)
-        rank_zero_info(f"Plots written to {out_dir}")
+        rank_zero_info(f"Plots{which} written to {out_dir}")
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # W&B shows them as images in the run
                 for path in self.plot_paths:
