@@ -28,7 +28,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from tea_lightning import CONFIG_DIR  # noqa: E402
 from tea_lightning.checkpoints import SaveOnInterrupt  # noqa: E402
 from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
-from tea_lightning.epoch_lines import EpochLines  # noqa: E402
+from tea_lightning.history import EpochHistory  # noqa: E402
 from tea_lightning.errors import ConfigError, UserError  # noqa: E402
 from tea_lightning.model.amp_check import AmpCheck  # noqa: E402
 from tea_lightning.model.detector import Detector  # noqa: E402
@@ -54,7 +54,8 @@ LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc")  # --ckpt_path values that Lig
 def trainer_defaults() -> dict:
     """Return what every run gets unless told otherwise: W&B offline logging (synced later with `wandb sync`),
     best (by YOLOv5's fitness) and last checkpoints written atomically, a checkpoint on SIGTERM/Ctrl+C, YOLOv5's
-    AMP check, a writer for `predict`, the training speed and, for logs that are not a terminal, a line per epoch.
+    AMP check, a writer for `predict`, the training speed and each epoch's figures (results.csv, results.png, and a
+    line per epoch in logs that are not a terminal).
     Built anew for each run because callbacks keep state."""
     return {
         "default_root_dir": "runs",
@@ -71,7 +72,7 @@ def trainer_defaults() -> dict:
             AmpCheck(),
             DetectionWriter(),
             TrainingSpeed(),
-            EpochLines(),
+            EpochHistory(),
         ],
     }
 

@@ -60,6 +60,20 @@ def loss_curves(title: str, runs: list[tuple[str, list[dict], int]], path: Path)
     return _save(fig, path)
 
 
+def results_figure(history: list[dict], path: Path) -> Path:
+    """Draw one fit's losses (train and validation) and validation scores per epoch on a 2x5 grid, as YOLOv5's
+    results.png; return the path."""
+    fig = Figure(figsize=(20, 8), layout="constrained")
+    panels = [f"train/{loss}" for loss in LOSS_NAMES] + ["val/precision", "val/recall"] \
+        + [f"val/{loss}" for loss in LOSS_NAMES] + ["val/mAP50", "val/mAP50-95"]
+    for ax, key in zip(fig.subplots(2, 5).flat, panels):
+        epochs, values = per_epoch(history, key)
+        ax.plot(epochs, values, marker="." if len(epochs) < 30 else None)
+        ax.set(title=key, xlabel="epoch")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def pareto_front(costs: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Return the indices of points no other point beats (lower or equal cost with higher score, or lower cost
     with equal score), by increasing cost."""
