@@ -37,6 +37,9 @@ class EpochHistory(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()  # a fit resumed mid-epoch starts without on_train_epoch_start
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
 

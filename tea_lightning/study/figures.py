@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tea_lightning.model.detector import LOSS_NAMES
 
@@ -70,6 +71,7 @@ def results_figure(history: list[dict], path: Path) -> Path:
         epochs, values = per_epoch(history, key)
         ax.plot(epochs, values, marker="." if len(epochs) < 30 else None)
         ax.set(title=key, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return _save(fig, path)
 
