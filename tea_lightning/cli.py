@@ -123,7 +123,7 @@ class TeaCLI(LightningCLI):
                 and "://" not in ckpt_path:
             checkpoint = check_tea_checkpoint(ckpt_path, "--ckpt_path")
             if self.config.get("subcommand") == "fit":  # here, before the run folder and the W&B run are made
-                check_resumed_with_pruning(checkpoint, _configures_pruning(config.trainer.callbacks), ckpt_path)
+                check_resumed_with_pruning(checkpoint, _configures(config.trainer.callbacks, ChannelPruning), ckpt_path)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.nc", "model.nc", apply_on="instantiate")
@@ -141,6 +141,11 @@ class TeaCLI(LightningCLI):
             # Every weight comes from the checkpoint; LightningCLI copies its saved --model.weights into the config,
             # a file that need not exist any more (a checkpoint moved to another machine).
             config.model.weights = None
+        if _configures(trainer.callbacks, DetectionWriter):
+            # a writer given on the command line (`--trainer.callbacks.save_conf true`, `.output_dir`) replaces the
+            # default one, which would write the same files
+            self.trainer_defaults["callbacks"] = [callback for callback in self.trainer_defaults["callbacks"]
+                                                  if not isinstance(callback, DetectionWriter)]
         if self.subcommand in ("validate", "test", "predict"):
             if not config.get("ckpt_path") and not config.model.weights:
                 rank_zero_warn(f"{self.subcommand} without --ckpt_path or --model.weights: the model's weights are "
@@ -214,10 +219,10 @@ def _check_writable(folder: Path) -> None:
                           "a writable folder for checkpoints, plots and logs.") from err
 
 
-def _configures_pruning(callbacks: list | None) -> bool:
-    """Return whether the parsed `--trainer.callbacks` include ChannelPruning (or a subclass)."""
+def _configures(callbacks: list | None, kind: type) -> bool:
+    """Return whether the parsed `--trainer.callbacks` include a `kind` (or a subclass of it)."""
     classes = [pydoc.locate(callback.class_path) for callback in callbacks or [] if "class_path" in callback]
-    return any(isinstance(cls, type) and issubclass(cls, ChannelPruning) for cls in classes)
+    return any(isinstance(cls, type) and issubclass(cls, kind) for cls in classes)
 
 
 def _continue_in_run_folder(logger, checkpoint: Path) -> None:

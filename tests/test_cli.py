@@ -140,6 +140,20 @@ def test_evaluation_settings_on_the_command_line_win_over_the_checkpoints(traine
     assert (cli.model.hparams.conf_thres, cli.model.hparams.max_det) == (0.3, 5)
 
 
+def test_a_writer_on_the_command_line_writes_confidences_where_told_instead_of_the_default(trained, synthetic_yaml,
+                                                                                          tmp_path):
+    _, run = trained
+    images = synthetic_yaml.parent / "images" / "val"
+    cli_main(["predict", *FAST, "--data.data_yaml", str(synthetic_yaml), "--data.predict_source", str(images),
+              "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+              "--trainer.callbacks+=tea_lightning.DetectionWriter", "--trainer.callbacks.save_conf", "true",
+              "--trainer.callbacks.output_dir", str(tmp_path / "out")])
+    rows = [line.split() for f in (tmp_path / "out" / "labels").glob("*.txt") for line in f.read_text().splitlines()]
+    assert rows and all(len(row) == 6 and 0.25 <= float(row[5]) <= 1 for row in rows)  # YOLOv5's --save-conf rows
+    assert len(list((tmp_path / "out" / "images").glob("*.jpg"))) == len(list(images.glob("*.jpg")))
+    assert not list((tmp_path / "runs").rglob("predictions"))  # the default writer did not write as well
+
+
 def test_predict_keeps_subfolders_so_same_named_images_do_not_collide(trained, synthetic_yaml, tmp_path):
     _, run = trained
     source = tmp_path / "field"

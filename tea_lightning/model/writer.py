@@ -26,7 +26,12 @@ class DetectionWriter(BasePredictionWriter):
     at or above `--model.predict_conf_thres`). Images in subfolders of `--data.predict_source` keep their
     subfolders, so that same-named images of different folders (cameras, days) do not overwrite each other's
     outputs; of images that differ only in their extension (`a.jpg`, `a.png`), the second's labels go to
-    `a_png.txt`, with a warning (checked within each process)."""
+    `a_png.txt`, with a warning (checked within each process).
+
+    Args:
+        output_dir: where images/ and labels/ go (default: the run folder's predictions/).
+        save_conf: also write each box's confidence at the end of its label line (YOLOv5's --save-conf).
+    """
 
     def __init__(self, output_dir: str | None = None, save_conf: bool = False):
         super().__init__(write_interval="batch")
