@@ -72,7 +72,7 @@ def trainer_defaults() -> dict:
             AmpCheck(),
             DetectionWriter(),
             TrainingSpeed(),
-            EpochHistory(),
+            EpochHistory(),  # after TrainingSpeed, whose epoch times it prints
         ],
     }
 
@@ -144,8 +144,7 @@ class TeaCLI(LightningCLI):
         if _configures(trainer.callbacks, DetectionWriter):
             # a writer given on the command line (`--trainer.callbacks.save_conf true`, `.output_dir`) replaces the
             # default one, which would write the same files
-            self.trainer_defaults["callbacks"] = [callback for callback in self.trainer_defaults["callbacks"]
-                                                  if not isinstance(callback, DetectionWriter)]
+            self._drop_default_callbacks(DetectionWriter)
         if self.subcommand in ("validate", "test", "predict"):
             if not config.get("ckpt_path") and not config.model.weights:
                 rank_zero_warn(f"{self.subcommand} without --ckpt_path or --model.weights: the model's weights are "
@@ -155,8 +154,7 @@ class TeaCLI(LightningCLI):
             # Only fit writes checkpoints (best, last, on an interruption); elsewhere Lightning would still restore
             # the checkpoint callbacks' state from --ckpt_path and warn that their folder has changed
             trainer.enable_checkpointing = False
-            self.trainer_defaults["callbacks"] = [callback for callback in self.trainer_defaults["callbacks"]
-                                                  if not isinstance(callback, Checkpoint)]
+            self._drop_default_callbacks(Checkpoint)
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
             if getattr(logger, "init_args", None) is None:
@@ -178,6 +176,11 @@ class TeaCLI(LightningCLI):
             # A resumed fit writes on in its own checkpoint folder on purpose; Lightning's "Checkpoint directory ...
             # exists and is not empty" would read as a warning about it (the filter ends with the run: cli_main)
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+    def _drop_default_callbacks(self, kind: type) -> None:
+        """Leave the `kind` callbacks out of this run's trainer defaults (trainer_defaults() builds them per run)."""
+        self.trainer_defaults["callbacks"] = [callback for callback in self.trainer_defaults["callbacks"]
+                                              if not isinstance(callback, kind)]
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

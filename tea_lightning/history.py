@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import sys
-import time
 
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
@@ -37,12 +36,6 @@ class EpochHistory(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()  # a fit resumed mid-epoch starts without on_train_epoch_start
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
-
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Lightning has validated this epoch by now: callback_metrics hold its validation's figures
         metrics = trainer.callback_metrics
@@ -51,8 +44,10 @@ class EpochHistory(Callback):
         stream = self.stream or sys.stdout
         if trainer.is_global_zero and not stream.isatty():
             figures = " ".join(f"{label} {fmt.format(row[key])}" for label, key, fmt in PRINTED if key in row)
-            print(f"Epoch {row['epoch']}/{trainer.max_epochs - 1}: {figures} "
-                  f"({time.perf_counter() - self._start:.0f} s)", file=stream, flush=True)
+            # the epoch's time as TrainingSpeed (called before this callback) measured it, validation included
+            seconds = sum(float(metrics[key]) for key in ("train/seconds", "val/seconds") if key in metrics)
+            print(f"Epoch {row['epoch']}/{trainer.max_epochs - 1}: {figures} ({seconds:.0f} s)", file=stream,
+                  flush=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or not self.history:

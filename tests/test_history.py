@@ -65,6 +65,5 @@ def test_nothing_is_printed_to_a_terminal_where_the_progress_bar_shows_the_figur
     cli = fit(synthetic_yaml, tmp_path, 1, "--trainer.limit_train_batches", "1")
     (history,) = [c for c in cli.trainer.callbacks if isinstance(c, EpochHistory)]
     history.stream = Terminal()
-    history.on_train_epoch_start(cli.trainer, cli.model)
     history.on_train_epoch_end(cli.trainer, cli.model)
     assert history.stream.getvalue() == ""
