@@ -145,7 +145,8 @@ def test_a_writer_on_the_command_line_writes_confidences_where_told_instead_of_t
     _, run = trained
     images = synthetic_yaml.parent / "images" / "val"
     cli_main(["predict", *FAST, "--data.data_yaml", str(synthetic_yaml), "--data.predict_source", str(images),
-              "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+              "--trainer.default_root_dir", str(tmp_path / "runs"),
+              "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
               "--trainer.callbacks+=tea_lightning.DetectionWriter", "--trainer.callbacks.save_conf", "true",
               "--trainer.callbacks.output_dir", str(tmp_path / "out")])
     rows = [line.split() for f in (tmp_path / "out" / "labels").glob("*.txt") for line in f.read_text().splitlines()]
@@ -250,7 +251,8 @@ def test_seed_everything_true_draws_a_random_seed_and_saves_it(synthetic_yaml, t
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     seeds = []
     for run in ("a", "b"):
-        cli = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--model.weights", str(need(YOLOV5N)),
+        cli = cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml),
+                        "--model.weights", str(need(YOLOV5N)),
                         "--trainer.default_root_dir", str(tmp_path / run), "--seed_everything", "true"])
         seeds.append(cli.config["validate"]["seed_everything"])
         assert f"seed_everything: {seeds[-1]}" in (tmp_path / run / "version_0" / "config.yaml").read_text()

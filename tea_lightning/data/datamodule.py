@@ -60,8 +60,8 @@ class YoloDataModule(pl.LightningDataModule):
         self.img_size, self.batch_size, self.workers = img_size, batch_size, workers
         self.augmentation = augmentation
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        if predict_source is not None:
-            _source_images(Path(predict_source))  # a wrong path fails now, before the run folder is made
+        # listed now, so that a wrong path fails before the run folder is made
+        self.predict_images = _source_images(Path(predict_source)) if predict_source is not None else None
         self.predict_source = predict_source
         self.indexes: dict[str, SplitIndex] = {}
 
@@ -127,7 +127,7 @@ class YoloDataModule(pl.LightningDataModule):
         if self.predict_source is None:
             records = self.split("val").records
         else:
-            records = _unlabelled_records(Path(self.predict_source))
+            records = _unlabelled_records(self.predict_images, self.predict_source)
         return self._loader(EvalDataset(records, self.img_size), self.batch_size, False)
 
     def dataset_info(self) -> dict:
@@ -149,10 +149,11 @@ def _source_images(source: Path) -> list[Path]:
     raise DataError(f"--data.predict_source {source} does not exist: give an image file or a folder of images.")
 
 
-def _unlabelled_records(source: Path) -> list[ImageRecord]:
-    """Return records without boxes for every readable image at `source`; unreadable ones are skipped loudly."""
+def _unlabelled_records(images: list[Path], source: str) -> list[ImageRecord]:
+    """Return records without boxes for every readable one of `images` (from `source`); unreadable ones are skipped
+    loudly."""
     records = []
-    for image in _source_images(source):
+    for image in images:
         try:
             height, width = read_image_size(image)
         except Exception as err:  # PIL raises many types for corrupt files

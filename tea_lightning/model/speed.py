@@ -10,8 +10,9 @@ from pytorch_lightning import Callback
 
 class TrainingSpeed(Callback):
     """Logs per epoch `train/images_per_s` (all processes together, training batches only), `train/seconds`,
-    `train/data_wait_share` and `val/seconds` (`test/seconds` in `test`). Lightning validates inside the training epoch (at its end, and
-    mid-epoch with `val_check_interval` < 1), so validation time is taken out of the training figures.
+    `train/data_wait_share` and `val/seconds` (`test/seconds` in `test`). Lightning validates inside the training
+    epoch (at its end, and mid-epoch with `val_check_interval` < 1), so validation time is taken out of the training
+    figures.
 
     `train/data_wait_share` is the share of the training time the loop spent between one batch's end and the next
     one's start, i.e. waiting for the loader (and the copy to the device): near 0 when the model is the bottleneck;
