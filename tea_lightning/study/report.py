@@ -229,6 +229,11 @@ def publish(project: str, study: str) -> str | None:
     return report.url
 
 
+def _step_of(run: RunData) -> tuple[str | None, str, str]:
+    """Return the study, model and step a sweep run belongs to."""
+    return run.group, run.config.get("model", "?"), run.config.get("step", run.name)
+
+
 def report_main(argv: list[str]) -> None:
     """Write the study report (Markdown, HTML, figures) from offline W&B runs and, with WANDB_API_KEY, online ones."""
     parser = argparse.ArgumentParser(prog="tea-lightning report", description=report_main.__doc__)
@@ -262,8 +267,11 @@ def report_main(argv: list[str]) -> None:
                           "use `tea-lightning validate --ckpt_path CKPT` and `tea-lightning benchmark CKPT`.")
     out = options.out or (options.runs[0] if options.runs else Path(".")) / "report"
     studies = sorted({r["data"].group for r in rows})
-    unfinished = sorted(f"{run.config.get('model', '?')}/{run.config.get('step', run.name)}" for run in runs
-                        if run.job_type in JOB_ORDER and "final/mAP50" not in run.summary)
+    # steps whose run has no final results, unless another run of the step finished (a run left behind when an
+    # older version's sweep restarted an interrupted first fit instead of resuming it)
+    done = {_step_of(row["data"]) for row in rows}
+    unfinished = sorted("/".join(_step_of(run)[1:]) for run in runs if run.job_type in JOB_ORDER
+                        and "final/mAP50" not in run.summary and _step_of(run) not in done)
     md_path, html_path = write_report(rows, out, f"Pruning study: {', '.join(studies)}", unfinished)
     print(f"Report of {len(rows)} runs: {md_path} and {html_path}")
     if online:

@@ -140,8 +140,14 @@ class Study:
         return self.state["steps"].get(step.key)
 
     def record(self, step: Step, entry: dict) -> None:
-        """Mark a step finished with its results; written atomically so an interruption never corrupts it."""
+        """Mark a step finished with its results."""
         self.state["steps"][step.key] = entry
+        self.save()
+
+    def save(self) -> None:
+        """Write the state file, atomically so that an interruption never corrupts it. Written before the first
+        step too: its token names every run folder, so a study interrupted in its first fit must find it again to
+        resume that fit from its last.ckpt."""
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.partial")
         tmp.write_text(json.dumps(self.state, indent=1))
@@ -355,6 +361,7 @@ def sweep_main(argv: list[str]) -> None:
              if not (s.job == "baseline" and s.model in study.options.baseline)]
     print(f"Study {study.name!r} in {study.out}: {len(steps)} steps, "
           f"{sum(1 for s in steps if study.finished(s))} already finished")
+    study.save()
     started = time.monotonic()
     for i, step in enumerate(steps, 1):
         head = f"[sweep {i}/{len(steps)}] {step.label}"

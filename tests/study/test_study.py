@@ -14,6 +14,7 @@ from wandb.proto import wandb_internal_pb2
 
 import tea_lightning.cli
 import tea_lightning.study.report
+import tea_lightning.study.sweep
 from tea_lightning.errors import ConfigError
 from tea_lightning.study.benchmark import benchmark_main
 from tea_lightning.study.figures import pareto_front
@@ -187,6 +188,9 @@ def test_report_names_unfinished_steps_and_what_finishes_them(study, tmp_path, m
     interrupted = state["steps"]["yolov5n/finetune-0.3"]["run_id"]
     runs = [dataclasses.replace(run, summary={k: v for k, v in run.summary.items() if not k.startswith("final/")})
             if run.id == interrupted else run for run in offline_runs([out])]
+    # a finished step's run left behind by an interrupted start, under another id, is not an unfinished step
+    baseline = next(run for run in runs if run.config.get("step") == "baseline")
+    runs.append(dataclasses.replace(baseline, id="orphan", summary={}))
     monkeypatch.setattr(tea_lightning.study.report, "offline_runs", lambda folders: runs)
     report_main([str(out), "--out", str(tmp_path)])
     md = (tmp_path / "report.md").read_text()
@@ -198,6 +202,26 @@ def test_report_names_unfinished_steps_and_what_finishes_them(study, tmp_path, m
     with pytest.raises(ConfigError, match="no sweep runs .* `report` compares the steps of a `tea-lightning sweep` "
                                           "study .* use `tea-lightning validate --ckpt_path CKPT`"):
         report_main([str(tmp_path / "empty")])
+
+
+def test_a_sweep_interrupted_in_its_first_fit_resumes_that_fit(synthetic_yaml, tmp_path, monkeypatch):
+    # The run folders carry the study's token: it must be on disk before the first step, or the rerun names a new
+    # folder and starts the baseline again from epoch 0.
+    def interrupted(study, step):
+        last = study.run_folder(step) / "checkpoints" / "last.ckpt"
+        last.parent.mkdir(parents=True)
+        last.write_bytes(b"")  # what an interrupted fit leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tea_lightning.study.sweep, "run_step", interrupted)
+    argv = sweep_args(synthetic_yaml, tmp_path / "s")
+    with pytest.raises(KeyboardInterrupt):
+        sweep_main(argv)
+    again = Study(parse(argv))
+    baseline = plan(["yolov5n"], [0.3])[0]
+    args = again.command(baseline)
+    assert args[0] == "fit" and args[args.index("--ckpt_path") + 1] == \
+        str(again.run_folder(baseline) / "checkpoints" / "last.ckpt")
 
 
 def test_pareto_front_keeps_only_points_nothing_beats():
