@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tea_lightning.errors import CheckpointWriteError
@@ -60,6 +61,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"could not write checkpoint {path}: {os_error.strerror or os_error}. Checkpoints written before it "
                 f"in {path.parent} are intact. Free disk space or give a writable --trainer.default_root_dir, then "
                 "resume with --ckpt_path and the newest checkpoint there.") from err
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """`best.ckpt`: the checkpoint of the highest validation fitness (YOLOv5's), which also survives a resume into
+    another folder.
+
+    CSVLogger (and TensorBoard) give a resumed fit a new version folder, and Lightning restores a ModelCheckpoint's
+    best score only when its folder is unchanged: the first epoch after the resume then became best.ckpt however it
+    scored. Here the score is kept and the best.ckpt of the run being continued is copied into the new folder, which
+    so holds the best of the whole run.
+    """
+
+    def __init__(self):
+        super().__init__(monitor="val/fitness", mode="max", filename="best", auto_insert_metric_name=False,
+                         enable_version_counter=False)
+        self._carried: tuple[Path, Path] | None = None  # (the earlier best.ckpt, its copy here) until copied
+
+    @property
+    def state_key(self) -> str:
+        # as ModelCheckpoint's, so that checkpoints written before this class keep their best score on resume
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        earlier = Path(state_dict.get("best_model_path") or "")
+        moved = self.dirpath is not None and state_dict.get("dirpath", self.dirpath) != self.dirpath
+        if not moved or state_dict.get("best_model_score") is None or not earlier.is_file():
+            super().load_state_dict(state_dict)
+            return
+        here = os.path.join(self.dirpath, earlier.name)
+        self.best_model_score, self.kth_value = state_dict["best_model_score"], state_dict["kth_value"]
+        self.best_model_path = self.kth_best_model_path = here
+        self.best_k_models = {here: self.best_model_score}
+        self._carried = earlier, Path(here)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._carried is None:
+            return
+        earlier, here = self._carried
+        if trainer.is_global_zero:
+            here.parent.mkdir(parents=True, exist_ok=True)
+            partial = here.with_name(f".{here.name}.partial")
+            shutil.copyfile(earlier, partial)
+            os.replace(partial, here)
+            print(f"The resumed run writes to {here.parent}; the best checkpoint so far ({earlier}) is copied there "
+                  "and stays best.ckpt until an epoch beats it.", flush=True)
+        trainer.strategy.barrier()
+        self._carried = None
 
 
 def resume_command(checkpoint: Path) -> str:

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn  # noqa: 
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException  # noqa: E402
 
 from tea_lightning import CONFIG_DIR  # noqa: E402
-from tea_lightning.checkpoints import SaveOnInterrupt  # noqa: E402
+from tea_lightning.checkpoints import BestCheckpoint, SaveOnInterrupt  # noqa: E402
 from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
 from tea_lightning.history import EpochHistory  # noqa: E402
 from tea_lightning.errors import ConfigError, UserError  # noqa: E402
@@ -63,8 +63,7 @@ def trainer_defaults() -> dict:
                    "init_args": {"project": "tea-lightning", "offline": True}},
         "plugins": [{"class_path": "tea_lightning.checkpoints.AtomicCheckpointIO"}],
         "callbacks": [
-            ModelCheckpoint(monitor="val/fitness", mode="max", filename="best", auto_insert_metric_name=False,
-                            enable_version_counter=False),
+            BestCheckpoint(),
             # Since Lightning 2.6 save_last=True writes last.ckpt only when a best checkpoint is written; resuming
             # after a crash needs it after every epoch, which a second, unmonitored checkpoint gives.
             ModelCheckpoint(filename="last", enable_version_counter=False),

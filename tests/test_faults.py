@@ -425,6 +425,25 @@ def test_kill_9_mid_epoch_loses_at_most_that_epoch(synthetic_yaml, tmp_path):
     assert {row.split(",")[0] for row in rows} == {"2"}  # only the lost epoch ran again
 
 
+def test_a_fit_resumed_into_a_new_folder_keeps_its_best_checkpoint_and_plots(synthetic_yaml, tmp_path, capsys):
+    # CSVLogger gives the resumed fit a new version folder; Lightning then forgot the best score, so the first
+    # epoch after the resume became best.ckpt whatever it scored, and the plots of the best epoch were never written
+    args = [*fit_args(synthetic_yaml, tmp_path), "--model.plots", "true", "--trainer.limit_train_batches", "1"]
+    main(args)
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("ModelCheckpoint{'monitor': 'val/fitness'")]
+    saved["callbacks"][key]["best_model_score"] = torch.tensor(1.0)  # an epoch 0 that no later epoch beats
+    torch.save(saved, last)
+    main([*args, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
+    best = tmp_path / "version_1" / "checkpoints" / "best.ckpt"
+    assert torch.load(best, map_location="cpu", weights_only=False)["epoch"] == 0
+    out = capsys.readouterr().out
+    assert "Best checkpoint (epoch 0: mAP50 " in out and str(best) in out
+    assert sorted(p.name for p in (tmp_path / "version_1" / "plots" / "val").iterdir()) == \
+        ["F1_curve.png", "PR_curve.png", "P_curve.png", "R_curve.png", "curves.npz"]
+
+
 def test_disk_full_while_writing_a_checkpoint_keeps_the_earlier_one(synthetic_yaml, tmp_path, monkeypatch):
     import tea_lightning.checkpoints as checkpoints
 

@@ -7,7 +7,7 @@ curves and AP; ``DetectionMetrics`` pairs it with torchmetrics' COCO mAP.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,15 @@ class CurveResult:
     def map(self) -> float:
         """Return the class-mean AP averaged over IoU 0.50:0.95 (0.0 without classes)."""
         return float(self.ap.mean()) if len(self.classes) else 0.0
+
+    def state_dict(self) -> dict[str, Tensor | int | float]:
+        """Return the fields as tensors and numbers, which a checkpoint loads with torch's weights_only=True."""
+        return {f.name: torch.from_numpy(v) if isinstance(v := getattr(self, f.name), np.ndarray) else v
+                for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor | int | float]) -> CurveResult:
+        return cls(**{name: v.numpy() if isinstance(v, Tensor) else v for name, v in state.items()})
 
 
 def match_predictions(

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from tea_lightning.errors import ConfigError, NonFiniteLoss
 from tea_lightning.metrics import DetectionMetrics, plot_curves
+from tea_lightning.metrics.detection import CurveResult
 from tea_lightning.model.complexity import count_parameters, gflops
 from tea_lightning.model.distillation import OutputDistillation
 from tea_lightning.model.postprocess import non_max_suppression, unletterbox_boxes
@@ -385,6 +386,9 @@ class Detector(pl.LightningModule):
         checkpoint["last_optimizer_step"] = self.last_optimizer_step
         # what this checkpoint scored (best.ckpt is written right after its validation), for the end-of-fit summary
         checkpoint["validation_summary"] = self.validation_summary
+        if self.best_curves is not None:  # so that a resumed fit still ends with the best checkpoint's plots
+            epoch, curves = self.best_curves
+            checkpoint["best_curves"] = {"epoch": epoch, "curves": curves.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A pruned checkpoint's tensors are smaller than the yaml's: take their architecture before Lightning
@@ -394,6 +398,9 @@ class Detector(pl.LightningModule):
                              source=f"--ckpt_path {ckpt_path}" if ckpt_path else "")
         self.apply_memory_format()
         self.last_optimizer_step = checkpoint.get("last_optimizer_step", -1)
+        if "best_curves" in checkpoint:
+            saved = checkpoint["best_curves"]
+            self.best_curves = saved["epoch"], CurveResult.from_state_dict(saved["curves"])
         if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:  # the CLI checked it earlier
             check_resumed_with_pruning(checkpoint, any(isinstance(c, ChannelPruning) for c in self._trainer.callbacks),
                                        ckpt_path)
