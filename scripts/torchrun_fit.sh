@@ -1,9 +1,18 @@
 #!/bin/bash
 # DDP training started by torchrun (one process per GPU), on one node or, run once per node, on several:
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 GPUS=4 scripts/torchrun_fit.sh [more tea-lightning fit options]
-# Lightning recognises torchrun's environment; it does not start processes of its own.
+# Lightning recognises torchrun's environment; it does not start processes of its own. Without GPUs (to try it), give
+# GPUS=2 (processes) and --trainer.accelerator cpu.
 set -euo pipefail
-GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
+cd "$(dirname "$0")/.."  # the repository: .venv and configs/ are found from there
+if [ -z "${GPUS:-}" ]; then
+    if ! command -v nvidia-smi > /dev/null; then
+        echo "error: nvidia-smi not found: give the number of processes per node, e.g. GPUS=2 (on CPU also" \
+             "--trainer.accelerator cpu)." >&2
+        exit 2
+    fi
+    GPUS=$(nvidia-smi -L | wc -l)
+fi
 NNODES=${NNODES:-1}
 .venv/bin/torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS" --node_rank "${NODE_RANK:-0}" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m tea_lightning.cli fit \

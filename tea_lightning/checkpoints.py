@@ -18,7 +18,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from tea_lightning.errors import CheckpointWriteError
+from tea_lightning.errors import CheckpointWriteError, ConfigError
 from tea_lightning.rundir import run_dir
 
 
@@ -157,6 +157,10 @@ class SaveOnInterrupt(Checkpoint):
         self._requeue_signal: int | None = None  # SLURM's, when Lightning would requeue the job
         self._requeue = False  # all processes agreed that this stop is SLURM's (any of them got its signal)
 
+    def state_dict(self) -> dict:
+        # the SLURM job that wrote the checkpoint: a job resumes another's hpc_ckpt only when asked (see TeaCLI)
+        return {"slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._received, self._stopping, self._requeue = None, False, False
         environment = trainer._accelerator_connector.cluster_environment  # the one Lightning's handlers consult
@@ -202,6 +206,9 @@ class SaveOnInterrupt(Checkpoint):
         if self._requeue:
             self._save_and_requeue(trainer)
             return
+        if self._requeue_signal is not None and isinstance(exception, SIGTERMException):
+            self._save_for_slurm_requeue(trainer)
+            return
         path = run_dir(trainer) / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         cause = "Ctrl+C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
@@ -209,11 +216,24 @@ class SaveOnInterrupt(Checkpoint):
                        f"{trainer.fit_loop.epoch_loop.batch_progress.current.completed} batches of it: the run so far "
                        f"is saved in {path}. Continue it with:\n  {resume_command(path)}")
 
-    def _save_and_requeue(self, trainer) -> None:
-        # the path (a private Lightning helper) and the requeue command are those of Lightning's own handler, so the
-        # requeued job resumes from this checkpoint by itself
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+    def _save_hpc_checkpoint(self, trainer) -> Path:
+        # the path (a private Lightning helper) is that of Lightning's own handler: where the requeued job (the same
+        # command) looks for a checkpoint to resume
+        path = Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
         trainer.save_checkpoint(path, weights_only=False)
+        return path
+
+    def _save_for_slurm_requeue(self, trainer) -> None:
+        """SIGTERM under SLURM: a preemption (or scancel). With `#SBATCH --requeue` SLURM reruns the job's script,
+        without --ckpt_path: the hpc checkpoint lets that rerun resume instead of training again from scratch in the
+        same run folder."""
+        path = self._save_hpc_checkpoint(trainer)
+        _tell(trainer, f"Interrupted by SIGTERM at epoch {trainer.current_epoch} (SLURM job "
+                       f"{os.environ.get('SLURM_JOB_ID')}): the run so far is saved in {path}. If SLURM requeues the "
+                       f"job, it resumes from there by itself; otherwise continue it with:\n  {resume_command(path)}")
+
+    def _save_and_requeue(self, trainer) -> None:
+        path = self._save_hpc_checkpoint(trainer)
         if not trainer.is_global_zero:
             return
         job = os.environ["SLURM_JOB_ID"]
@@ -229,12 +249,37 @@ class SaveOnInterrupt(Checkpoint):
         else:
             reason = "scontrol was not found" if requeued is None else requeued.stderr.strip() or requeued.returncode
             _tell(trainer, f"SLURM's time-limit signal: the run is saved in {path}, but `scontrol requeue {job}` "
-                           f"failed ({reason}). Submit the job again: it resumes from that checkpoint by itself.")
+                           f"failed ({reason}). Continue it in a new job with:\n  {resume_command(path)}")
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
+
+
+def check_slurm_resume(root: Path) -> None:
+    """Raise ConfigError when, under SLURM, a fit without --ckpt_path would resume an hpc checkpoint in `root` that
+    another SLURM job wrote.
+
+    Lightning resumes the newest `hpc_ckpt_<n>.ckpt` of the root folder whenever it runs under SLURM, so that a
+    requeued job continues itself; a new job in the same folder would continue the old job's run (its model, its
+    epoch) under its own name. Checkpoints that do not say which job wrote them are left to Lightning.
+    """
+    found = [(int(p.stem.rpartition("_")[2]), p) for p in root.glob("hpc_ckpt_*.ckpt")
+             if p.stem.rpartition("_")[2].isdigit()]
+    if not found or not SLURMEnvironment.detect():
+        return
+    newest = max(found)[1]
+    saved = torch.load(newest, map_location="cpu", weights_only=False, mmap=True)
+    writer = saved.get("callbacks", {}).get(SaveOnInterrupt.__qualname__, {}).get("slurm_job_id")
+    job = os.environ.get("SLURM_JOB_ID")
+    if writer is None or writer == job:
+        return
+    raise ConfigError(
+        f"--trainer.default_root_dir {root} holds {newest.name}, which SLURM job {writer} saved to resume later, and "
+        f"under SLURM Lightning would continue that run in this job ({job}) instead of starting this one. To "
+        f"continue it, pass --ckpt_path {newest}; for a new run, give this job its own --trainer.default_root_dir "
+        "(scripts/slurm_fit.sh uses runs/slurm/<job id>) or move the file away.")
 
 
 def _tell(trainer, message: str) -> None:

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn  # noqa: 
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException  # noqa: E402
 
 from tea_lightning import CONFIG_DIR  # noqa: E402
-from tea_lightning.checkpoints import BestCheckpoint, SaveOnInterrupt  # noqa: E402
+from tea_lightning.checkpoints import BestCheckpoint, SaveOnInterrupt, check_slurm_resume  # noqa: E402
 from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
 from tea_lightning.history import EpochHistory  # noqa: E402
 from tea_lightning.errors import ConfigError, UserError  # noqa: E402
@@ -86,11 +86,11 @@ class RunConfig(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, folder / "config.yaml", skip_none=False, overwrite=True)
+        self.parser.save(self.config, folder / "config.yaml", skip_unset=False, overwrite=True)
         datamodule = trainer.datamodule
         # plain YAML types (as config.yaml has them): as_dict() keeps jsonargparse's Path objects for the --config
         # files, which made CSVLogger's and TensorBoard's hparams.yaml unreadable by yaml.safe_load and Lightning
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_validation=True))
+        config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False, skip_validation=True))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config, "stage": stage,
                                     **({"data": datamodule.dataset_info()} if datamodule else {})})
@@ -123,6 +123,8 @@ class TeaCLI(LightningCLI):
             checkpoint = check_tea_checkpoint(ckpt_path, "--ckpt_path")
             if self.config.get("subcommand") == "fit":  # here, before the run folder and the W&B run are made
                 check_resumed_with_pruning(checkpoint, _configures(config.trainer.callbacks, ChannelPruning), ckpt_path)
+        if self.config.get("subcommand") == "fit" and not ckpt_path:
+            check_slurm_resume(Path(config.trainer.default_root_dir or "."))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.nc", "model.nc", apply_on="instantiate")
@@ -195,9 +197,11 @@ class TeaCLI(LightningCLI):
                 print(f"W&B run: {Path(where).parent if where else logger.save_dir}"
                       + (" (offline: upload later with `wandb sync <that folder>`)"
                          if getattr(experiment.settings, "mode", "") == "offline" else ""))
+        if not trainer.is_global_zero:  # the other processes' loggers have no run folder
+            return
         print(f"Run folder: {run_dir(trainer)}")
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.subcommand == "fit" else ""
-        if best and trainer.is_global_zero:
+        if best:
             print(_best_checkpoint_summary(Path(best)))
 
 

@@ -383,16 +383,21 @@ def test_sigterm_to_one_ddp_process_stops_both_at_one_batch_and_resumes(syntheti
     assert {k: v.shape for k, v in final["state_dict"].items()} == {k: v.shape for k, v in saved["state_dict"].items()}
 
 
-def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_resumes_by_itself(synthetic_yaml, tmp_path):
-    # One SLURM task as srun starts it, and an scontrol that records what it was asked
+def slurm_task(tmp_path: Path, job: str) -> dict:
+    """Return the environment of one SLURM task as srun starts it, with an scontrol that records what it is asked
+    (in tmp_path/scontrol.txt)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
     scontrol.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NTASKS": "1",
-           "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "tea-test"}
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NTASKS": "1",
+            "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+            "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "tea-test"}
+
+
+def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_resumes_by_itself(synthetic_yaml, tmp_path):
+    env = slurm_task(tmp_path, "4242")
     args = fit_args(synthetic_yaml, tmp_path / "runs", epochs=3)
     stopped = run_command(*args, "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "1",
                           "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signal.SIGUSR1)),
@@ -406,6 +411,33 @@ def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_resumes_by_
     requeued = run_command(*args, env=env)  # the same command, as the requeued job runs it
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert "hpc_ckpt_1.ckpt" in requeued.stdout + requeued.stderr  # Lightning restored it by itself
+    final = torch.load(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)
+    assert final["epoch"] == 2
+
+
+def test_slurm_preemption_is_resumed_by_the_requeued_job_and_not_by_another_job(synthetic_yaml, tmp_path):
+    # SIGTERM under SLURM is a preemption: SLURM reruns the script of a --requeue job without --ckpt_path, which
+    # used to train again from scratch in the same run folder
+    env = slurm_task(tmp_path, "4243")
+    args = fit_args(synthetic_yaml, tmp_path / "runs", epochs=3)
+    stopped = run_command(*args, "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "1",
+                          "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signal.SIGTERM)),
+                          env=env)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    hpc = tmp_path / "runs" / "hpc_ckpt_1.ckpt"
+    assert f"saved in {hpc}. If SLURM requeues the job, it resumes from there by itself" in stopped.stderr
+    assert not (tmp_path / "scontrol.txt").exists()  # SLURM requeues a preempted job itself
+
+    # another job in the same folder would have continued this run as its own
+    other = run_command(*args, "--model.model_cfg", "yolov5s.yaml", env={**env, "SLURM_JOB_ID": "5000"})
+    assert other.returncode == 1
+    assert "holds hpc_ckpt_1.ckpt, which SLURM job 4243 saved" in other.stderr
+    assert f"pass --ckpt_path {hpc}" in other.stderr and "Restoring states" not in other.stderr + other.stdout
+
+    requeued = run_command(*args, env=env)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "hpc_ckpt_1.ckpt" in requeued.stdout + requeued.stderr
     final = torch.load(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=False)
     assert final["epoch"] == 2

@@ -235,7 +235,7 @@ class Detector(pl.LightningModule):
             distill = self.distillation.loss(images, outputs, self.model.hyp, self.compute_loss.balance)
             loss = loss + distill
             self.log("train/distill_loss", distill.detach() / batch_size, on_step=False, on_epoch=True,
-                     prog_bar=True, batch_size=batch_size)
+                     prog_bar=True, batch_size=batch_size, sync_dist=True)
         self._stop_unless_finite(loss, batch, batch_idx)
         # YOLOv5's loss is a sum over the batch; DDP averages gradients, so scaling by the world size keeps the
         # step equal to one process with the whole batch.
@@ -244,8 +244,9 @@ class Detector(pl.LightningModule):
             optimizer.step()
             optimizer.zero_grad()
             self.last_optimizer_step = iteration
-        for name, value in zip(LOSS_NAMES, items):
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        for name, value in zip(LOSS_NAMES, items):  # synced once per epoch: the mean over every process's batches
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size,
+                     sync_dist=True)
         self.log("train/lr", optimizer.optimizer.param_groups[1]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
         return loss

@@ -12,7 +12,7 @@ class TrainingSpeed(Callback):
     """Logs per epoch `train/images_per_s` (all processes together, training batches only), `train/seconds`,
     `train/data_wait_share` and `val/seconds` (`test/seconds` in `test`). Lightning validates inside the training
     epoch (at its end, and mid-epoch with `val_check_interval` < 1), so validation time is taken out of the training
-    figures.
+    figures. Under DDP each figure is the mean over the processes.
 
     `train/data_wait_share` is the share of the training time the loop spent between one batch's end and the next
     one's start, i.e. waiting for the loader (and the copy to the device): near 0 when the model is the bottleneck;
@@ -45,7 +45,7 @@ class TrainingSpeed(Callback):
         if trainer.sanity_checking:
             return
         seconds = time.perf_counter() - self._validation_start
-        pl_module.log("val/seconds", seconds, rank_zero_only=True)
+        pl_module.log("val/seconds", seconds, sync_dist=True)
         if self._start is not None:  # inside a training epoch: neither training time nor waiting for data
             self._validating += seconds
             self._last_batch_end += seconds
@@ -54,11 +54,11 @@ class TrainingSpeed(Callback):
         self._test_start = time.perf_counter()
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.log("test/seconds", time.perf_counter() - self._test_start, rank_zero_only=True)
+        pl_module.log("test/seconds", time.perf_counter() - self._test_start, sync_dist=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         seconds = self._last_batch_end - self._start - self._validating
-        pl_module.log("train/seconds", seconds, rank_zero_only=True)
-        pl_module.log("train/images_per_s", self._images * trainer.world_size / seconds, rank_zero_only=True)
-        pl_module.log("train/data_wait_share", self._waiting / seconds, rank_zero_only=True)
+        pl_module.log("train/seconds", seconds, sync_dist=True)
+        pl_module.log("train/images_per_s", self._images * trainer.world_size / seconds, sync_dist=True)
+        pl_module.log("train/data_wait_share", self._waiting / seconds, sync_dist=True)
         self._start = None

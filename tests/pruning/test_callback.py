@@ -281,3 +281,7 @@ def test_ddp_two_processes_prune_identically_step_together_and_checkpoint_once(s
     writes = [line.split() for line in (tmp_path / "writes.txt").read_text().splitlines()]
     assert {rank for rank, _ in writes} == {"0"}  # written once, by rank 0
     assert [name for _, name in writes].count("last.ckpt") == 3 and ["0", "best.ckpt"] in writes
+    # what is printed comes once, from rank 0, and every epoch-level figure is synced over the processes (Lightning
+    # warns about each one that is not)
+    assert result.stdout.count("Run folder:") == 1 and "version_None" not in result.stdout
+    assert "sync_dist=True" not in result.stderr
