@@ -162,6 +162,11 @@ class ChannelPruning(pl.Callback):
         after = {"model/params": result.params_after, "model/GFLOPs": macs_to_gflops(result.macs_after)}
         when = f"at epoch {trainer.current_epoch}" if trainer.state.fn == "fit" else \
             f"before {trainer.state.fn.value.replace('validate', 'validation')}"
+        removed = 1 - result.channels_after / result.channels_before
+        capped = ""
+        if steps == 1 and ratio - removed > 0.01:  # the layer cap and the rounding kept more than was asked
+            capped = (f" asked, {removed:.1%} removed (max_layer_ratio {self.prune_options['max_layer_ratio']:g} "
+                      f"and round_to {self.prune_options['round_to']} keep more of the narrow layers)")
         total = ""
         if steps > 1 and self.steps_done == steps and self.unpruned_size:  # the per-step changes do not add up
             params, macs = self.unpruned_size
@@ -169,7 +174,7 @@ class ChannelPruning(pl.Callback):
                      f"{result.macs_after / macs - 1:+.1%} against the unpruned model")
         rank_zero_info(
             f"Pruning step {self.steps_done}/{steps} {when}: "
-            f"channels -{ratio:.1%} of the unpruned model's, "
+            f"channels -{ratio:.1%} of the unpruned model's{capped}, "
             f"parameters {result.params_before:,} -> {result.params_after:,} "
             f"({result.params_after / result.params_before - 1:+.1%}), "
             f"GFLOPs {macs_to_gflops(result.macs_before):.3g} -> {after['model/GFLOPs']:.3g} "

@@ -37,6 +37,8 @@ class PruneResult:
     params_after: int
     macs_before: float
     macs_after: float
+    channels_before: int  # the BatchNorm channels: every channel pruning may remove (the Detect head has none)
+    channels_after: int
 
 
 def make_importance(name: str) -> tp.importance.Importance:
@@ -93,10 +95,16 @@ def prune(model: nn.Module, example_inputs: Tensor, ratio: float, importance: st
     instead would leave every 16-channel layer whole in steps under 25%, and those early layers hold most MACs.)
     """
     with _traceable(model):
-        params_before, macs_before = count_parameters(model), _macs(model, example_inputs)
+        params_before, macs_before, channels_before = count_parameters(model), _macs(model, example_inputs), \
+            _batchnorm_channels(model)
         _prune_once(model, example_inputs, ratio, importance, global_pruning, round_to, ignored_names,
                     max_layer_ratio, seed, original_channels)
-        return PruneResult(params_before, count_parameters(model), macs_before, _macs(model, example_inputs))
+        return PruneResult(params_before, count_parameters(model), macs_before, _macs(model, example_inputs),
+                           channels_before, _batchnorm_channels(model))
+
+
+def _batchnorm_channels(model: nn.Module) -> int:
+    return sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def ratio_for_macs(model: nn.Module, example_inputs: Tensor, macs_reduction: float, tolerance: float = 0.01,

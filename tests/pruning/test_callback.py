@@ -195,6 +195,21 @@ def test_validate_prunes_once_before_evaluating(synthetic_yaml, tmp_path, import
     assert all(p.grad is None for p in pruned.model.parameters())  # Taylor's gradients are not left behind
 
 
+def test_a_ratio_the_layer_cap_cannot_reach_says_what_was_removed(synthetic_yaml, tmp_path, caplog):
+    pruned = validate_yolov5n(synthetic_yaml, tmp_path, "--trainer.callbacks+=tea_lightning.ChannelPruning",
+                              "--trainer.callbacks.pruning_ratio", "0.95")
+    before = sum(m.num_features for m in build_model("yolov5n.yaml", nc=2).modules()
+                 if isinstance(m, torch.nn.BatchNorm2d))
+    after = sum(m.num_features for m in pruned.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    said = re.search(r"channels -95.0% of the unpruned model's asked, ([\d.]+)% removed \(max_layer_ratio 0.9 and "
+                     r"round_to 8 keep more of the narrow layers\)", caplog.text)
+    assert said and float(said.group(1)) == pytest.approx((1 - after / before) * 100, abs=0.05)
+    assert float(said.group(1)) < 90
+    caplog.clear()
+    validate_yolov5n(synthetic_yaml, tmp_path / "b", *PRUNE)  # within a point of what was asked: nothing to add
+    assert "Pruning step 1/1" in caplog.text and "asked" not in caplog.text
+
+
 @pytest.mark.parametrize("importance", ["l2", "taylor"])
 def test_a_macs_target_is_met_with_every_criterion(synthetic_yaml, tmp_path, importance, caplog):
     # finding the channel ratio for a MACs target prunes trial copies, which Taylor ranks by the loss gradients
