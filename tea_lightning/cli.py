@@ -138,6 +138,12 @@ class TeaCLI(LightningCLI):
         _check_writable(Path(trainer.default_root_dir or "."))
         for name, value in self.run_settings.items():
             config.model[name] = value
+        if str(trainer.precision) in ("16-mixed", "16") and (trainer.accelerator == "cpu" or (
+                trainer.accelerator == "auto" and not torch.cuda.is_available())):
+            # Lightning runs bf16-mixed instead, with a warning, and config.yaml would record 16-mixed
+            rank_zero_info("--trainer.precision 16-mixed: CPUs have no float16 AMP; running bf16-mixed (recorded so "
+                           "in config.yaml).")
+            trainer.precision = "bf16-mixed"
         if config.get("ckpt_path"):
             # Every weight comes from the checkpoint; LightningCLI copies its saved --model.weights into the config,
             # a file that need not exist any more (a checkpoint moved to another machine).

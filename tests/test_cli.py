@@ -374,3 +374,14 @@ def test_check_data_prints_the_summary_and_problems(synthetic_yaml, tmp_path, ca
         main(["check-data", str(broken / "data.yaml"), "--strict"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["check-data", str(tmp_path / "missing.yaml")])
+
+
+def test_16_mixed_on_a_cpu_runs_bf16_mixed_and_config_yaml_says_so(synthetic_yaml, tmp_path):
+    # Lightning switches to bf16-mixed on a CPU with a warning; config.yaml recorded the 16-mixed that did not run
+    cli = cli_main(["fit", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.max_epochs", "1",
+                    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                    "--trainer.accelerator", "cpu", "--trainer.precision", "16-mixed",
+                    "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.precision == "bf16-mixed"
+    saved = yaml.safe_load((tmp_path / "version_0" / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == "bf16-mixed"
