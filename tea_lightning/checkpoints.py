@@ -212,9 +212,10 @@ class SaveOnInterrupt(Checkpoint):
         path = run_dir(trainer) / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         cause = "Ctrl+C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
-        _tell(trainer, f"Interrupted by {cause} at epoch {trainer.current_epoch}, after "
-                       f"{trainer.fit_loop.epoch_loop.batch_progress.current.completed} batches of it: the run so far "
-                       f"is saved in {path}. Continue it with:\n  {resume_command(path)}")
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        _tell(trainer, f"Interrupted by {cause} at epoch {trainer.current_epoch}, after {batches} "
+                       f"batch{'' if batches == 1 else 'es'} of it: the run so far is saved in {path}. Continue it "
+                       f"with:\n  {resume_command(path)}")
 
     def _save_hpc_checkpoint(self, trainer) -> Path:
         # the path (a private Lightning helper) is that of Lightning's own handler: where the requeued job (the same

@@ -332,7 +332,7 @@ def test_ctrl_c_stops_after_the_batch_with_a_checkpoint(synthetic_yaml, tmp_path
                           "--trainer.callbacks.epoch", "1", "--trainer.callbacks.batch", "0",
                           "--trainer.callbacks.signum", str(int(signal.SIGINT)))
     assert stopped.returncode == 1, stopped.stderr[-3000:]
-    assert "Interrupted by Ctrl+C at epoch 1, after 1 batches" in stopped.stderr
+    assert "Interrupted by Ctrl+C at epoch 1, after 1 batch of it" in stopped.stderr
     saved = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
 
@@ -358,7 +358,7 @@ def test_signal_to_the_process_group_spares_the_loader_workers(synthetic_yaml, t
     assert stopped.returncode == (143 if signum == signal.SIGTERM else 1), stopped.stderr[-3000:]
     assert "DataLoader worker" not in stopped.stderr
     cause = "SIGTERM" if signum == signal.SIGTERM else "Ctrl+C"
-    assert f"Interrupted by {cause} at epoch 1, after 1 batches" in stopped.stderr
+    assert f"Interrupted by {cause} at epoch 1, after 1 batch of it" in stopped.stderr
     saved = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
 
@@ -372,7 +372,7 @@ def test_sigterm_to_one_ddp_process_stops_both_at_one_batch_and_resumes(syntheti
                           "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signal.SIGTERM)),
                           "--trainer.callbacks.rank", "1")
     assert stopped.returncode == 143, stopped.stderr[-3000:]
-    assert "Interrupted by SIGTERM at epoch 1, after 1 batches" in stopped.stderr
+    assert "Interrupted by SIGTERM at epoch 1, after 1 batch of it" in stopped.stderr
     last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1

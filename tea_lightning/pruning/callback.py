@@ -49,7 +49,8 @@ class ChannelPruning(pl.Callback):
         if target is None or not 0 < target < 1:
             raise ConfigError(f"--trainer.callbacks.{option} must be between 0 and 1 (exclusive), got {target}.")
         if not schedule or sorted(set(schedule)) != list(schedule) or min(schedule) < 0:
-            raise ConfigError(f"--trainer.callbacks.schedule must list increasing epochs >= 0, got {list(schedule)}.")
+            raise ConfigError(f"--trainer.callbacks.schedule must list one or more increasing epochs >= 0 (e.g. [0]), "
+                              f"got {list(schedule)}.")
         if sparsity < 0:
             raise ConfigError(f"--trainer.callbacks.sparsity must be >= 0, got {sparsity}.")
         if sparsity and schedule[-1] == 0:
