@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -143,15 +144,17 @@ class SaveOnInterrupt(Checkpoint):
     before the time limit (SIGUSR1 with `#SBATCH --signal=SIGUSR1@120`) is handled the same way, for the same reason
     (Lightning's handler saves from inside the handler): all processes stop at one batch, the checkpoint goes where
     Lightning looks when the requeued job starts (`<default_root_dir>/hpc_ckpt_<n>.ckpt`), and rank 0 requeues the
-    job with `scontrol requeue`. A second Ctrl+C stops at once, without a checkpoint. Lightning's own
+    job with `scontrol requeue`. A second Ctrl+C (0.5 s or more after the first) stops at once, without a checkpoint. Lightning's own
     OnExceptionCheckpoint saves on any error (also a broken config before training) and deletes its file when a later
     run ends; here only interruptions count and the file is the one users resume from.
     """
 
     _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_SECONDS = 0.5  # a second Ctrl+C sooner than this is the first one delivered again, not a person's
 
     def __init__(self):
         self._received: int | None = None  # the signal this process got, until the run stops
+        self._received_at = 0.0  # when (time.monotonic())
         self._stopping = False  # all processes agreed to stop at this batch boundary
         self._previous_handlers: dict = {}
         self._requeue_signal: int | None = None  # SLURM's, when Lightning would requeue the job
@@ -174,8 +177,10 @@ class SaveOnInterrupt(Checkpoint):
 
     def _record(self, signum: int, frame) -> None:
         if self._received is not None and signum == signal.SIGINT:
+            if time.monotonic() - self._received_at < self.REPEAT_SECONDS:
+                return  # one Ctrl+C delivered twice: `timeout -s INT` signals the process, then its whole group
             raise KeyboardInterrupt  # asked twice: stop now
-        self._received = signum
+        self._received, self._received_at = signum, time.monotonic()
         then = {self._requeue_signal: " (then requeueing the SLURM job)",
                 signal.SIGINT: " (Ctrl+C again to stop at once, without saving)"}.get(signum, "")
         print(f"\n{signal.Signals(signum).name} received: stopping after this batch and saving the run{then}.",

@@ -9,19 +9,23 @@ from pytorch_lightning import Callback
 class SignalAt(Callback):
     """Sends `signum` to this process after training batch `batch` of epoch `epoch` (15: SIGTERM, 9: kill -9); with
     `rank`, only the process of that global rank does (under DDP: `kill` of one process, as a user would); with
-    `group`, to its whole process group, loader workers included (`kill -- -PGID`, `timeout`, SLURM, systemd)."""
+    `group`, to its whole process group, loader workers included (`kill -- -PGID`, `timeout`, SLURM, systemd); `times`
+    times in a row."""
 
-    def __init__(self, epoch: int, batch: int, signum: int, rank: int | None = None, group: bool = False):
+    def __init__(self, epoch: int, batch: int, signum: int, rank: int | None = None, group: bool = False,
+                 times: int = 1):
         self.epoch, self.batch, self.signum, self.rank, self.group = epoch, batch, signum, rank, group
+        self.times = times
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.rank not in (None, trainer.global_rank):
             return
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
-            if self.group:
-                os.killpg(os.getpgid(0), self.signum)
-            else:
-                os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                if self.group:
+                    os.killpg(os.getpgid(0), self.signum)
+                else:
+                    os.kill(os.getpid(), self.signum)
 
 
 class PoisonWeights(Callback):

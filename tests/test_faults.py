@@ -327,10 +327,14 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_the_pruned_run(synthe
     assert {k: v.shape for k, v in final["state_dict"].items()} == shapes  # the same pruned architecture
 
 
-def test_ctrl_c_stops_after_the_batch_with_a_checkpoint(synthetic_yaml, tmp_path):
+@pytest.mark.parametrize("times", [1, 2])
+def test_ctrl_c_stops_after_the_batch_with_a_checkpoint(synthetic_yaml, tmp_path, times):
+    # twice at once: `timeout -s INT` signals the process and then its group, which used to count as a second
+    # Ctrl+C ("stop at once, without saving")
     stopped = run_command(*fit_args(synthetic_yaml, tmp_path, epochs=2), "--trainer.callbacks+=tests.faults.SignalAt",
                           "--trainer.callbacks.epoch", "1", "--trainer.callbacks.batch", "0",
-                          "--trainer.callbacks.signum", str(int(signal.SIGINT)))
+                          "--trainer.callbacks.signum", str(int(signal.SIGINT)), "--trainer.callbacks.times",
+                          str(times))
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     assert "Interrupted by Ctrl+C at epoch 1, after 1 batch of it" in stopped.stderr
     saved = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
