@@ -64,7 +64,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "resume with --ckpt_path and the newest checkpoint there.") from err
 
 
-class BestCheckpoint(ModelCheckpoint):
+class _ModelCheckpointState(ModelCheckpoint):
+    """A ModelCheckpoint whose state keeps ModelCheckpoint's key in checkpoints, so that checkpoints written before
+    the subclass existed still restore it on resume."""
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+
+class LastCheckpoint(_ModelCheckpointState):
+    """`last.ckpt` after every epoch. (Lightning 2.6's `save_last=True` writes it only with a new best.)
+
+    Lightning also skips a save when no optimizer step was made since the last one, and an epoch shorter than
+    YOLOv5's gradient accumulation (a small data set: 16 images in batches of 4 step once every 4 epochs at the
+    nominal batch of 64) makes none, so last.ckpt lagged behind by epochs; here a new epoch is always saved.
+    """
+
+    def __init__(self):
+        super().__init__(filename="last", enable_version_counter=False)
+        self._epoch_saved: int | None = None
+
+    def _should_skip_saving_checkpoint(self, trainer) -> bool:
+        step_saved = self._last_global_step_saved
+        if self._epoch_saved != trainer.current_epoch:
+            self._last_global_step_saved = -1  # Lightning's test for "saved at this step already" (private API)
+        try:
+            return super()._should_skip_saving_checkpoint(trainer)
+        finally:
+            self._last_global_step_saved = step_saved
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._epoch_saved = trainer.current_epoch
+
+
+class BestCheckpoint(_ModelCheckpointState):
     """`best.ckpt`: the checkpoint of the highest validation fitness (YOLOv5's), which also survives a resume into
     another folder.
 
@@ -78,11 +113,6 @@ class BestCheckpoint(ModelCheckpoint):
         super().__init__(monitor="val/fitness", mode="max", filename="best", auto_insert_metric_name=False,
                          enable_version_counter=False)
         self._carried: tuple[Path, Path] | None = None  # (the earlier best.ckpt, its copy here) until copied
-
-    @property
-    def state_key(self) -> str:
-        # as ModelCheckpoint's, so that checkpoints written before this class keep their best score on resume
-        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
     def load_state_dict(self, state_dict: dict) -> None:
         earlier = Path(state_dict.get("best_model_path") or "")

@@ -20,13 +20,14 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
-from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint  # noqa: E402
+from pytorch_lightning.callbacks import Checkpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger, WandbLogger  # noqa: E402
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException  # noqa: E402
 
 from tea_lightning import CONFIG_DIR  # noqa: E402
-from tea_lightning.checkpoints import BestCheckpoint, SaveOnInterrupt, check_slurm_resume  # noqa: E402
+from tea_lightning.checkpoints import (  # noqa: E402
+    BestCheckpoint, LastCheckpoint, SaveOnInterrupt, check_slurm_resume)
 from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
 from tea_lightning.history import EpochHistory  # noqa: E402
 from tea_lightning.errors import ConfigError, UserError  # noqa: E402
@@ -64,9 +65,7 @@ def trainer_defaults() -> dict:
         "plugins": [{"class_path": "tea_lightning.checkpoints.AtomicCheckpointIO"}],
         "callbacks": [
             BestCheckpoint(),
-            # Since Lightning 2.6 save_last=True writes last.ckpt only when a best checkpoint is written; resuming
-            # after a crash needs it after every epoch, which a second, unmonitored checkpoint gives.
-            ModelCheckpoint(filename="last", enable_version_counter=False),
+            LastCheckpoint(),  # after every epoch, for resuming after a crash
             SaveOnInterrupt(),
             AmpCheck(),
             DetectionWriter(),

@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tea_lightning.cli import main
+from tea_lightning.cli import cli_main, main
 from tea_lightning.data.dataset import EvalDataset
 from tea_lightning.data.labels import load_split, read_data_yaml
 from tea_lightning.data.synthetic import make_synthetic_dataset
@@ -445,6 +445,15 @@ def test_slurm_preemption_is_resumed_by_the_requeued_job_and_not_by_another_job(
     final = torch.load(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=False)
     assert final["epoch"] == 2
+
+
+def test_last_checkpoint_follows_every_epoch_also_one_without_an_optimizer_step(synthetic_yaml, tmp_path):
+    # 16 images in batches of 4 and YOLOv5's nominal batch of 64: after the warmup an optimizer step every 4 epochs.
+    # Lightning skipped saving when no step was made since the last save, so last.ckpt lagged behind by epochs.
+    cli = cli_main([*fit_args(synthetic_yaml, tmp_path, epochs=4), "--model.recipe.nominal_batch_size", "64"])
+    saved = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert cli.trainer.global_step < 8  # at least one epoch made no optimizer step
+    assert saved["epoch"] == 3 and saved["global_step"] == cli.trainer.global_step
 
 
 def test_kill_9_mid_epoch_loses_at_most_that_epoch(synthetic_yaml, tmp_path):
