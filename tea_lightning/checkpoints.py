@@ -174,7 +174,8 @@ class SaveOnInterrupt(Checkpoint):
     before the time limit (SIGUSR1 with `#SBATCH --signal=SIGUSR1@120`) is handled the same way, for the same reason
     (Lightning's handler saves from inside the handler): all processes stop at one batch, the checkpoint goes where
     Lightning looks when the requeued job starts (`<default_root_dir>/hpc_ckpt_<n>.ckpt`), and rank 0 requeues the
-    job with `scontrol requeue`. A second Ctrl+C (0.5 s or more after the first) stops at once, without a checkpoint. Lightning's own
+    job with `scontrol requeue`; under SLURM a SIGTERM (a preemption) also saves there, for SLURM's own requeue. A
+    second Ctrl+C (0.5 s or more after the first) stops at once, without a checkpoint. Lightning's own
     OnExceptionCheckpoint saves on any error (also a broken config before training) and deletes its file when a later
     run ends; here only interruptions count and the file is the one users resume from.
     """

@@ -266,7 +266,8 @@ def test_sparsity_needs_epochs_before_the_last_pruning_step():
 
 @pytest.mark.parametrize("option, value, expected", [
     ("pruning_ratio", "0", "between 0 and 1"), ("pruning_ratio", "1.0", "between 0 and 1"),
-    ("schedule", "[5]", "schedule has epoch 5"), ("schedule", "[]", r"one or more increasing epochs >= 0 \(e.g. \[0\]\)"),
+    ("schedule", "[5]", "schedule has epoch 5"),
+    ("schedule", "[]", r"one or more increasing epochs >= 0 \(e.g. \[0\]\)"),
     ("sparsity", "-0.1", "sparsity must be >= 0"),
     ("max_layer_ratio", "1.5", "max_layer_ratio must be between 0 and 1"),
     ("round_to", "0", "round_to must be a positive number"),
