@@ -400,24 +400,32 @@ def slurm_task(tmp_path: Path, job: str) -> dict:
             "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "tea-test"}
 
 
+def signalled_in_epoch_1(args: list[str], signum: int, env: dict) -> subprocess.CompletedProcess:
+    """Run the fit, sending `signum` to it after the first batch of epoch 1."""
+    return run_command(*args, "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "1",
+                       "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signum)), env=env)
+
+
+def requeued_job_finishes(args: list[str], env: dict, root: Path) -> None:
+    """Run the same command again, as SLURM's requeued job does: it resumes from hpc_ckpt_1.ckpt by itself."""
+    requeued = run_command(*args, env=env)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "hpc_ckpt_1.ckpt" in requeued.stdout + requeued.stderr  # Lightning restored it
+    final = torch.load(root / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["epoch"] == 2
+
+
 def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_resumes_by_itself(synthetic_yaml, tmp_path):
     env = slurm_task(tmp_path, "4242")
     args = fit_args(synthetic_yaml, tmp_path / "runs", epochs=3)
-    stopped = run_command(*args, "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "1",
-                          "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signal.SIGUSR1)),
-                          env=env)
+    stopped = signalled_in_epoch_1(args, signal.SIGUSR1, env)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     assert "job 4242 is requeued" in stopped.stderr
     saved = torch.load(tmp_path / "runs" / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1
 
-    requeued = run_command(*args, env=env)  # the same command, as the requeued job runs it
-    assert requeued.returncode == 0, requeued.stderr[-3000:]
-    assert "hpc_ckpt_1.ckpt" in requeued.stdout + requeued.stderr  # Lightning restored it by itself
-    final = torch.load(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=False)
-    assert final["epoch"] == 2
+    requeued_job_finishes(args, env, tmp_path / "runs")
 
 
 def test_slurm_preemption_is_resumed_by_the_requeued_job_and_not_by_another_job(synthetic_yaml, tmp_path):
@@ -425,9 +433,7 @@ def test_slurm_preemption_is_resumed_by_the_requeued_job_and_not_by_another_job(
     # used to train again from scratch in the same run folder
     env = slurm_task(tmp_path, "4243")
     args = fit_args(synthetic_yaml, tmp_path / "runs", epochs=3)
-    stopped = run_command(*args, "--trainer.callbacks+=tests.faults.SignalAt", "--trainer.callbacks.epoch", "1",
-                          "--trainer.callbacks.batch", "0", "--trainer.callbacks.signum", str(int(signal.SIGTERM)),
-                          env=env)
+    stopped = signalled_in_epoch_1(args, signal.SIGTERM, env)
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     hpc = tmp_path / "runs" / "hpc_ckpt_1.ckpt"
     assert f"saved in {hpc}. If SLURM requeues the job, it resumes from there by itself" in stopped.stderr
@@ -439,12 +445,7 @@ def test_slurm_preemption_is_resumed_by_the_requeued_job_and_not_by_another_job(
     assert "holds hpc_ckpt_1.ckpt, which SLURM job 4243 saved" in other.stderr
     assert f"pass --ckpt_path {hpc}" in other.stderr and "Restoring states" not in other.stderr + other.stdout
 
-    requeued = run_command(*args, env=env)
-    assert requeued.returncode == 0, requeued.stderr[-3000:]
-    assert "hpc_ckpt_1.ckpt" in requeued.stdout + requeued.stderr
-    final = torch.load(tmp_path / "runs" / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=False)
-    assert final["epoch"] == 2
+    requeued_job_finishes(args, env, tmp_path / "runs")
 
 
 def test_last_checkpoint_follows_every_epoch_also_one_without_an_optimizer_step(synthetic_yaml, tmp_path):
