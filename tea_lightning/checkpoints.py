@@ -85,6 +85,12 @@ class LastCheckpoint(_ModelCheckpointState):
         super().__init__(filename="last", enable_version_counter=False)
         self._epoch_saved: int | None = None
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # a fit resumed into another folder (CSVLogger) starts its own last.ckpt: nothing to restore, and Lightning
+        # would warn that its state is not reloaded
+        if self.dirpath is None or state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+
     def _should_skip_saving_checkpoint(self, trainer) -> bool:
         step_saved = self._last_global_step_saved
         if self._epoch_saved != trainer.current_epoch:

@@ -471,7 +471,8 @@ def test_kill_9_mid_epoch_loses_at_most_that_epoch(synthetic_yaml, tmp_path):
     assert {row.split(",")[0] for row in rows} == {"2"}  # only the lost epoch ran again
 
 
-def test_a_fit_resumed_into_a_new_folder_keeps_its_best_checkpoint_and_plots(synthetic_yaml, tmp_path, capsys):
+def test_a_fit_resumed_into_a_new_folder_keeps_its_best_checkpoint_and_plots(synthetic_yaml, tmp_path, capsys,
+                                                                              recwarn):
     # CSVLogger gives the resumed fit a new version folder; Lightning then forgot the best score, so the first
     # epoch after the resume became best.ckpt whatever it scored, and the plots of the best epoch were never written
     args = [*fit_args(synthetic_yaml, tmp_path), "--model.plots", "true", "--trainer.limit_train_batches", "1"]
@@ -481,7 +482,9 @@ def test_a_fit_resumed_into_a_new_folder_keeps_its_best_checkpoint_and_plots(syn
     (key,) = [k for k in saved["callbacks"] if k.startswith("ModelCheckpoint{'monitor': 'val/fitness'")]
     saved["callbacks"][key]["best_model_score"] = torch.tensor(1.0)  # an epoch 0 that no later epoch beats
     torch.save(saved, last)
+    recwarn.clear()
     main([*args, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]  # the folder changes on purpose
     best = tmp_path / "version_1" / "checkpoints" / "best.ckpt"
     assert torch.load(best, map_location="cpu", weights_only=False)["epoch"] == 0
     out = capsys.readouterr().out
