@@ -165,9 +165,10 @@ class ChannelPruning(pl.Callback):
             f"before {trainer.state.fn.value.replace('validate', 'validation')}"
         removed = 1 - result.channels_after / result.channels_before
         capped = ""
-        if steps == 1 and ratio - removed > 0.01:  # the layer cap and the rounding kept more than was asked
-            capped = (f" asked, {removed:.1%} removed (max_layer_ratio {self.prune_options['max_layer_ratio']:g} "
-                      f"and round_to {self.prune_options['round_to']} keep more of the narrow layers)")
+        if steps == 1 and ratio - removed > 0.01:  # the layer cap, the rounding or ignored layers kept more
+            capped = (f" asked, {removed:.1%} removed (as much as max_layer_ratio "
+                      f"{self.prune_options['max_layer_ratio']:g}, round_to {self.prune_options['round_to']} and "
+                      "ignored_layers let go)")
         total = ""
         if steps > 1 and self.steps_done == steps and self.unpruned_size:  # the per-step changes do not add up
             params, macs = self.unpruned_size
