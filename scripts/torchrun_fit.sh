@@ -4,7 +4,7 @@
 # Lightning recognises torchrun's environment; it does not start processes of its own. Without GPUs (to try it), give
 # GPUS=2 (processes) and --trainer.accelerator cpu.
 set -euo pipefail
-cd "$(dirname "$0")/.."  # the repository: .venv and configs/ are found from there
+REPO=$(cd "$(dirname "$0")/.." && pwd)  # .venv and configs/ are found there, from any working folder
 if [ -z "${GPUS:-}" ]; then
     if ! command -v nvidia-smi > /dev/null; then
         echo "error: nvidia-smi not found: give the number of processes per node, e.g. GPUS=2 (on CPU also" \
@@ -14,7 +14,8 @@ if [ -z "${GPUS:-}" ]; then
     GPUS=$(nvidia-smi -L | wc -l)
 fi
 NNODES=${NNODES:-1}
-.venv/bin/torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS" --node_rank "${NODE_RANK:-0}" \
+"$REPO/.venv/bin/torchrun" --nnodes "$NNODES" --nproc_per_node "$GPUS" --node_rank "${NODE_RANK:-0}" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m tea_lightning.cli fit \
-    --config configs/yolov5s.yaml --config configs/data/tea_shoots.yaml --config configs/ddp.yaml \
+    --config "$REPO/configs/yolov5s.yaml" --config "$REPO/configs/data/tea_shoots.yaml" \
+    --config "$REPO/configs/ddp.yaml" \
     --trainer.num_nodes "$NNODES" --trainer.devices "$GPUS" "$@"
