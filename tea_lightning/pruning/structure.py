@@ -18,10 +18,13 @@ class StructureMismatch(UserError, ValueError):
 
 
 def detect_output_convs(model: nn.Module) -> list[nn.Conv2d]:
-    """Return the output convolutions of every YOLOv5 `Detect` head in `model` (na*(nc+5) channels each)."""
-    from yolov5.models.yolo import Detect
+    """Return the output convolutions of every YOLOv5 `Detect` head in `model` (na*(nc+5) channels each).
 
-    return [conv for module in model.modules() if isinstance(module, Detect) for conv in module.m]
+    Heads are recognised by what they hold, not by their class: an official YOLOv5 .pt unpickles its head as
+    `models.yolo.Detect`, another class than the yolov5 package's `yolov5.models.yolo.Detect`, and pruning its
+    outputs would break the model."""
+    return [conv for module in model.modules() if isinstance(getattr(module, "m", None), nn.ModuleList)
+            and hasattr(module, "na") and hasattr(module, "no") for conv in module.m]
 
 
 def with_classes_of(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from tea_lightning.model.complexity import count_parameters
-from tea_lightning.model.weights import build_model, read_weights, transfer_weights
+from tea_lightning.model.weights import build_model, read_model, read_weights, transfer_weights
 from tea_lightning.pruning import PruneResult, make_importance, output_channels, prune, ratio_for_macs
 from tea_lightning.pruning.pruner import SparsityRegularizer
+from tea_lightning.pruning.structure import detect_output_convs
 from tests.conftest import YOLOV5N, need
 
 NC = 4
@@ -119,6 +120,19 @@ def test_frozen_half_precision_model_is_pruned_and_stays_so(model):
     assert all(p.dtype == torch.float16 for p in model.parameters())
     assert {name for name, p in model.named_parameters() if p.requires_grad} == {
         "model.0.conv.weight", "model.0.bn.weight", "model.0.bn.bias"}
+
+
+def test_the_model_of_an_official_yolov5_pt_keeps_its_head_and_runs():
+    # the .pt unpickles its head as models.yolo.Detect, not the yolov5 package's class: the head's outputs were
+    # pruned (255 -> 176 channels) and the forward pass failed
+    official = read_model(need(YOLOV5N), "model")
+    heads = [conv.out_channels for conv in detect_output_convs(official)]
+    assert heads == [255, 255, 255]
+    result = prune(official, SMALL, 0.3)
+    assert result.params_after < 0.6 * result.params_before
+    assert [conv.out_channels for conv in detect_output_convs(official)] == heads
+    with torch.no_grad():
+        assert official.float().eval()(SMALL)[0].shape == (1, 3 * (8 * 8 + 4 * 4 + 2 * 2), 85)
 
 
 @pytest.mark.parametrize("importance", ["l2", "l1", "lamp", "bn_scale", "random", "taylor"])
