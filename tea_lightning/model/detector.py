@@ -83,7 +83,15 @@ class Detector(pl.LightningModule):
                  predict_iou_thres: float = 0.45, plots: bool = True, teacher: str | None = None,
                  distill_weight: float = 1.0, channels_last: bool = True):
         super().__init__()
+        if isinstance(recipe, dict):  # as checkpoints store it (and a library user may give it)
+            try:
+                recipe = Recipe(**recipe)
+            except TypeError as err:
+                raise ConfigError(f"recipe: {err}; the fields are those of tea_lightning.model.recipe.Recipe.") from None
         self.save_hyperparameters()
+        # a plain dict: torch.load's default weights_only=True (Lightning's resume, load_from_checkpoint) refuses
+        # a pickled Recipe object (the CLI stores it so; a Detector built in Python did not)
+        self.hparams.recipe = recipe.as_dict()
         _check_nms_settings(self.hparams)
         self.recipe = recipe
         self.names = list(names) if names else [str(i) for i in range(nc)]
@@ -204,10 +212,26 @@ class Detector(pl.LightningModule):
                               "for float32 weights; use 16-mixed or bf16-mixed for speed, or 32-true.")
         # Lightning sets max_epochs to -1 when only --trainer.max_steps or max_time bound the run; YOLOv5's warmup
         # and LR decay are laid out over the epochs, and would run backwards.
+        self._check_data_settings(stage)
         if stage == "fit" and self.trainer.max_epochs < 0:
             raise ConfigError("--trainer.max_epochs must be set for fit (YOLOv5's learning-rate schedule runs over "
                               f"a fixed number of epochs), got {self.trainer.max_epochs}; --trainer.max_steps and "
                               "--trainer.max_time may still stop the run earlier.")
+
+    def _check_data_settings(self, stage: str) -> None:
+        """Refuse a data module whose classes (always) or image and batch size (for fit: YOLOv5's loss gains and
+        gradient accumulation follow them) differ from the model's. The CLI links them; a Detector built in Python
+        kept its defaults (80 classes, 640, 16) without a word."""
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None or not all(hasattr(data, key) for key in ("nc", "img_size", "batch_size")):
+            return
+        keys = ("nc", "img_size", "batch_size") if stage == "fit" else ("nc",)
+        differ = [f"{key}={self.hparams[key]} (data: {getattr(data, key)})" for key in keys
+                  if self.hparams[key] != getattr(data, key)]
+        if differ:
+            raise ConfigError(f"the Detector's {', '.join(differ)} differ from the data module's: build it with "
+                              "Detector(..., nc=data.nc, names=data.names, img_size=data.img_size, "
+                              "batch_size=data.batch_size) (the CLI links them).")
 
     def on_fit_start(self) -> None:
         if self.distillation is not None:  # not a submodule (see OutputDistillation): Lightning does not move it

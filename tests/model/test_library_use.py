@@ -1,0 +1,54 @@
+"""The module and data module used from Python, with a plain Lightning Trainer (no CLI to link their settings)."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from tea_lightning import Detector, YoloDataModule
+from tea_lightning.errors import ConfigError
+
+TINY = {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "logger": False,
+        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+
+
+def data(synthetic_yaml) -> YoloDataModule:
+    return YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0)
+
+
+def test_a_checkpoint_of_a_detector_built_in_python_loads_with_torchs_safe_default(synthetic_yaml, tmp_path):
+    # the default Recipe() was pickled into the hyperparameters, which torch.load's weights_only=True (Lightning's
+    # resume, validate(ckpt_path=...), load_from_checkpoint) refuses: "Unsupported global ... Recipe"
+    dm = data(synthetic_yaml)
+    trainer = pl.Trainer(**TINY)
+    trainer.fit(Detector(nc=dm.nc, names=dm.names, img_size=64, batch_size=4), datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    saved = torch.load(tmp_path / "a.ckpt", map_location="cpu")  # weights_only=True
+    assert saved["hyper_parameters"]["recipe"]["lr0"] == 0.01
+    reloaded = Detector.load_from_checkpoint(tmp_path / "a.ckpt")
+    assert reloaded.recipe.lr0 == 0.01 and reloaded.hparams.nc == dm.nc
+
+
+def test_a_recipe_given_as_a_dict_is_checked():
+    assert Detector(nc=2, recipe={"lr0": 0.02}).recipe.lr0 == 0.02
+    with pytest.raises(ConfigError, match="recipe: .*'lr'.* the fields are those of tea_lightning.model.recipe.Recipe"):
+        Detector(nc=2, recipe={"lr": 0.02})
+
+
+@pytest.mark.parametrize("settings, stage, differ", [
+    ({"nc": 80}, "fit", r"nc=80 \(data: 2\)"),
+    ({"img_size": 640, "batch_size": 16}, "fit", r"img_size=640 \(data: 64\), batch_size=16 \(data: 4\)"),
+    ({"nc": 3}, "validate", r"nc=3 \(data: 2\)"),
+])
+def test_a_detector_whose_settings_differ_from_the_data_is_refused(synthetic_yaml, settings, stage, differ):
+    # the CLI links them; from Python the defaults (80 classes, 640, batch 16) trained with the wrong loss gains
+    # and accumulation without a word, or failed deep in the metrics
+    dm = data(synthetic_yaml)
+    model = Detector(**{"nc": dm.nc, "names": None, "img_size": 64, "batch_size": 4, **settings})
+    with pytest.raises(ConfigError, match=differ + " differ from the data module's: build it with Detector"):
+        getattr(pl.Trainer(**TINY), stage)(model, datamodule=dm)
+
+
+def test_evaluation_takes_another_image_and_batch_size_than_training(synthetic_yaml):
+    dm = data(synthetic_yaml)
+    (results,) = pl.Trainer(**TINY).validate(Detector(nc=dm.nc, img_size=640, batch_size=16), datamodule=dm)
+    assert "val/mAP50" in results
