@@ -7,8 +7,11 @@ import torch
 from tea_lightning import Detector, YoloDataModule
 from tea_lightning.errors import ConfigError
 
-TINY = {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "logger": False,
-        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+
+def tiny(root) -> pl.Trainer:
+    """A one-batch Trainer writing under `root` (without a logger, the run folder is the root folder)."""
+    return pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False, default_root_dir=root,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
 def data(synthetic_yaml) -> YoloDataModule:
@@ -19,7 +22,7 @@ def test_a_checkpoint_of_a_detector_built_in_python_loads_with_torchs_safe_defau
     # the default Recipe() was pickled into the hyperparameters, which torch.load's weights_only=True (Lightning's
     # resume, validate(ckpt_path=...), load_from_checkpoint) refuses: "Unsupported global ... Recipe"
     dm = data(synthetic_yaml)
-    trainer = pl.Trainer(**TINY)
+    trainer = tiny(tmp_path)
     trainer.fit(Detector(nc=dm.nc, names=dm.names, img_size=64, batch_size=4), datamodule=dm)
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     saved = torch.load(tmp_path / "a.ckpt", map_location="cpu")  # weights_only=True
@@ -39,16 +42,17 @@ def test_a_recipe_given_as_a_dict_is_checked():
     ({"img_size": 640, "batch_size": 16}, "fit", r"img_size=640 \(data: 64\), batch_size=16 \(data: 4\)"),
     ({"nc": 3}, "validate", r"nc=3 \(data: 2\)"),
 ])
-def test_a_detector_whose_settings_differ_from_the_data_is_refused(synthetic_yaml, settings, stage, differ):
+def test_a_detector_whose_settings_differ_from_the_data_is_refused(synthetic_yaml, tmp_path, settings, stage,
+                                                                  differ):
     # the CLI links them; from Python the defaults (80 classes, 640, batch 16) trained with the wrong loss gains
     # and accumulation without a word, or failed deep in the metrics
     dm = data(synthetic_yaml)
     model = Detector(**{"nc": dm.nc, "names": None, "img_size": 64, "batch_size": 4, **settings})
     with pytest.raises(ConfigError, match=differ + " differ from the data module's: build it with Detector"):
-        getattr(pl.Trainer(**TINY), stage)(model, datamodule=dm)
+        getattr(tiny(tmp_path), stage)(model, datamodule=dm)
 
 
-def test_evaluation_takes_another_image_and_batch_size_than_training(synthetic_yaml):
+def test_evaluation_takes_another_image_and_batch_size_than_training(synthetic_yaml, tmp_path):
     dm = data(synthetic_yaml)
-    (results,) = pl.Trainer(**TINY).validate(Detector(nc=dm.nc, img_size=640, batch_size=16), datamodule=dm)
+    (results,) = tiny(tmp_path).validate(Detector(nc=dm.nc, img_size=640, batch_size=16), datamodule=dm)
     assert "val/mAP50" in results
