@@ -30,7 +30,7 @@ from tea_lightning import ChannelPruning  # noqa: E402
 from tea_lightning.cli import main  # noqa: E402
 from tea_lightning.model.detector import Detector  # noqa: E402
 from tea_lightning.pruning.callback import _loss_gradients  # noqa: E402
-from tea_lightning.pruning.pruner import _copy_with_gradients, _prune_once  # noqa: E402
+from tea_lightning.pruning.pruner import _copy_with_gradients, prune  # noqa: E402
 
 
 class Fade:
@@ -52,8 +52,7 @@ class Fade:
         copy = _copy_with_gradients(module.model)
         module.model.zero_grad(set_to_none=True)
         example = torch.zeros(1, 3, module.hparams.img_size, module.hparams.img_size, device=module.device)
-        with torch.enable_grad():
-            _prune_once(copy, example, pruning.pruning_ratio, **pruning.prune_options)
+        prune(copy, example, pruning.pruning_ratio, **pruning.prune_options)
         pruned = dict(copy.named_modules())
         for name, bn in module.model.named_modules():
             if not isinstance(bn, nn.BatchNorm2d) or pruned[name].num_features == bn.num_features:

@@ -308,9 +308,11 @@ def check_slurm_resume(root: Path) -> None:
     requeued job continues itself; a new job in the same folder would continue the old job's run (its model, its
     epoch) under its own name. Checkpoints that do not say which job wrote them are left to Lightning.
     """
+    if not SLURMEnvironment.detect():
+        return
     found = [(int(p.stem.rpartition("_")[2]), p) for p in root.glob("hpc_ckpt_*.ckpt")
              if p.stem.rpartition("_")[2].isdigit()]
-    if not found or not SLURMEnvironment.detect():
+    if not found:
         return
     newest = max(found)[1]
     saved = torch.load(newest, map_location="cpu", weights_only=False, mmap=True)

@@ -210,9 +210,9 @@ class Detector(pl.LightningModule):
         if precision.endswith("-true") and precision != "32-true":
             raise ConfigError(f"--trainer.precision {precision} is not supported: YOLOv5's model and loss are built "
                               "for float32 weights; use 16-mixed or bf16-mixed for speed, or 32-true.")
+        self._check_data_settings(stage)
         # Lightning sets max_epochs to -1 when only --trainer.max_steps or max_time bound the run; YOLOv5's warmup
         # and LR decay are laid out over the epochs, and would run backwards.
-        self._check_data_settings(stage)
         if stage == "fit" and self.trainer.max_epochs < 0:
             raise ConfigError("--trainer.max_epochs must be set for fit (YOLOv5's learning-rate schedule runs over "
                               f"a fixed number of epochs), got {self.trainer.max_epochs}; --trainer.max_steps and "
