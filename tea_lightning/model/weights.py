@@ -182,12 +182,18 @@ def read_model_and_img_size(path: str | Path, option: str) -> tuple[nn.Module, i
     checkpoint = _load(path, option)
     if not _is_lightning_checkpoint(checkpoint):
         return _pickled_model(checkpoint, path, option).float(), 640
+    return model_of_checkpoint(checkpoint, path, option), checkpoint["hyper_parameters"]["img_size"]
+
+
+def model_of_checkpoint(checkpoint: dict, path: str | Path, option: str) -> nn.Module:
+    """Return the float32 model (its EMA weights) of a loaded tea-lightning checkpoint, with the architecture it
+    was saved with, pruned or not."""
     hparams = _tea_hyperparameters(checkpoint, path, option)
     model = build_model(hparams["model_cfg"], hparams["nc"], f"the model yaml {option} {path} was trained with,")
     state = _model_weights(checkpoint)
     resize_to_state_dict(model, state, source=f"{option} {path}")
     model.load_state_dict(state)
-    return model, hparams["img_size"]
+    return model
 
 
 def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -96,14 +96,15 @@ def prune(model: nn.Module, example_inputs: Tensor, ratio: float, importance: st
     """
     with _traceable(model):
         params_before, macs_before, channels_before = count_parameters(model), _macs(model, example_inputs), \
-            _batchnorm_channels(model)
+            batchnorm_channels(model)
         _prune_once(model, example_inputs, ratio, importance, global_pruning, round_to, ignored_names,
                     max_layer_ratio, seed, original_channels)
         return PruneResult(params_before, count_parameters(model), macs_before, _macs(model, example_inputs),
-                           channels_before, _batchnorm_channels(model))
+                           channels_before, batchnorm_channels(model))
 
 
-def _batchnorm_channels(model: nn.Module) -> int:
+def batchnorm_channels(model: nn.Module) -> int:
+    """Return the model's BatchNorm channels: every channel pruning may remove (the Detect head has none)."""
     return sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 

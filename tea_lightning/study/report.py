@@ -1,6 +1,7 @@
-"""`tea-lightning report`: the pruning study's runs (offline W&B run folders, and the W&B API when a key is set) as one
-folder: report.md, report.html, a table of every run, the before/after fine-tuning comparison, overlaid curves,
-loss curves and the accuracy-cost trade-off with its Pareto front."""
+"""`tea-lightning report`: the pruning study's runs (offline W&B run folders, and the W&B API when a key is set) and
+single fit runs made by hand (their run folders) as one folder: report.md, report.html, a table of every run, the
+before/after fine-tuning comparison, overlaid curves, loss curves and the accuracy-cost trade-off with its Pareto
+front."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tea_lightning.errors import ConfigError
 from tea_lightning.model.detector import LOSS_NAMES
 from tea_lightning.report.latency import BUSY_CPU_SHARE
 from tea_lightning.study import figures
+from tea_lightning.study.fit_runs import BEST, fit_runs
 from tea_lightning.study.wandb_runs import RunData, api_available, offline_runs, online_runs
 
 JOB_ORDER = {"baseline": 0, "prune": 1, "finetune": 2, "eval": 3}  # the chain's order
@@ -30,9 +32,10 @@ COLUMNS = [("model", "model", "{}"), ("step", "step", "{}"), ("job", "job", "{}"
 
 
 def rows_of(runs: list[RunData]) -> list[dict]:
-    """Return one row per sweep run (those with `final/` results), ordered by model, ratio and step. When the runs
-    come from more than one study, each model is named with its study ("yolov5n (study-a)"), so that one study's
-    baseline is not compared with another's pruned models."""
+    """Return one row per run with `final/` results (sweep steps, and fit run folders: fit_runs.py), ordered by
+    model, ratio and step. When the runs come from more than one study, each model is named with its study
+    ("yolov5n (study-a)"; fits made by hand: "yolov5n (fits)"), so that one study's baseline is not compared with
+    another's pruned models."""
     finished = [(run, {k[len("final/"):]: v for k, v in run.summary.items() if k.startswith("final/")})
                 for run in runs]
     finished = [(run, final) for run, final in finished if "mAP50" in final]
@@ -41,7 +44,7 @@ def rows_of(runs: list[RunData]) -> list[dict]:
     for run, final in finished:
         model = run.config.get("model", "?")
         if several_studies:
-            model = f"{model} ({run.group or 'no study'})"
+            model = f"{model} ({run.group or ('fits' if run.job_type == 'fit' else 'no study')})"
         rows.append({**final, "run": run.id, "job": run.job_type, "model": model,
                      "step": run.config.get("step", run.name), "ratio": float(run.config.get("pruning_ratio", 0)),
                      "data": run})
@@ -49,11 +52,11 @@ def rows_of(runs: list[RunData]) -> list[dict]:
 
 
 def kind(row: dict) -> str | None:
-    """Return what model a row measures for the comparison, or None for the fits (their eval rows stand for
-    them)."""
+    """Return what model a row measures for the comparison, or None for a sweep's fits (their eval rows stand for
+    them); a fit made by hand stands for itself."""
     if row["job"] == "prune":
         return "pruned, no fine-tuning"
-    if row["job"] == "eval":
+    if row["job"] in ("eval", "fit"):
         return "pruned + fine-tuned" if row["ratio"] else "baseline"
     return None
 
@@ -63,11 +66,11 @@ def _ratio(row: dict) -> str:
 
 
 def describe(row: dict) -> str:
-    """Return a legend label: which model the row is and how it was made."""
-    if not row["ratio"]:
-        return "baseline"
-    return f"pruned{_ratio(row)}" + {"prune": ", no fine-tuning", "finetune": ", fine-tuning"}.get(row["job"],
-                                                                                                   " + fine-tuned")
+    """Return a legend label: which model the row is and how it was made (and, for a fit made by hand, which run:
+    several may share a ratio)."""
+    made = "baseline" if not row["ratio"] else f"pruned{_ratio(row)}" + {
+        "prune": ", no fine-tuning", "finetune": ", fine-tuning"}.get(row["job"], " + fine-tuned")
+    return f"{made} ({row['step']})" if row["job"] == "fit" else made
 
 
 def _cell(value, fmt: str) -> str:
@@ -90,34 +93,49 @@ def _latency(row: dict, key: str, base: dict) -> str:
 
 def comparison(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Return the before/after fine-tuning table: per model and ratio, cost (change against the baseline) and
-    mAP right after pruning and after fine-tuning."""
+    mAP right after pruning and after fine-tuning; a line per run where several share a ratio (fits by hand)."""
     header = ["model", "ratio", "params", "GFLOPs", "PyTorch ms (b1)", "ORT ms (b1)", "mAP50 / mAP50-95 before "
-              "fine-tuning", "after fine-tuning", "F1 after"]
+              "fine-tuning", "after fine-tuning", "F1 after", "run"]
     table = []
     for model in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == model]
-        base = next((r for r in mine if kind(r) == "baseline"), None)
+        b = next((r for r in mine if kind(r) == "baseline"), {})
         for ratio in sorted({r["ratio"] for r in mine}):
-            after = next((r for r in mine if r["ratio"] == ratio and kind(r) in ("baseline", "pruned + fine-tuned")),
-                         None)
             before = next((r for r in mine if r["ratio"] == ratio and kind(r) == "pruned, no fine-tuning"), None)
-            shown = after or before
-            if shown is None:
-                continue
-            b = base or {}
-            table.append([model, "baseline" if not ratio else f"{ratio:g}",
-                          f"{shown['params']:,}{_delta(shown['params'], b.get('params'))}",
-                          f"{shown['GFLOPs']:.3f}{_delta(shown['GFLOPs'], b.get('GFLOPs'))}",
-                          _latency(shown, "latency_pytorch_ms", b), _latency(shown, "latency_onnxruntime_ms", b),
-                          f"{before['mAP50']:.4f} / {before['mAP50-95']:.4f}" if before else "-",
-                          f"{after['mAP50']:.4f} / {after['mAP50-95']:.4f}" if after else "-",
-                          _cell(after and after["f1"], "{:.3f}")])
+            afters = [r for r in mine if r["ratio"] == ratio and kind(r) in ("baseline", "pruned + fine-tuned")]
+            for after in afters or ([None] if before else []):
+                shown = after or before
+                table.append([model, "baseline" if not ratio else f"{ratio:g}",
+                              f"{shown['params']:,}{_delta(shown['params'], b.get('params'))}",
+                              f"{shown['GFLOPs']:.3f}{_delta(shown['GFLOPs'], b.get('GFLOPs'))}",
+                              _latency(shown, "latency_pytorch_ms", b), _latency(shown, "latency_onnxruntime_ms", b),
+                              f"{before['mAP50']:.4f} / {before['mAP50-95']:.4f}" if before else "-",
+                              f"{after['mAP50']:.4f} / {after['mAP50-95']:.4f}" if after else "-",
+                              _cell(after and after["f1"], "{:.3f}"), str(shown["step"])])
     return header, table
 
 
 def _file_name(model: str) -> str:
     """Return `model` ("yolov5n", or "yolov5n (study-a)" when the report has several studies) fit for a file name."""
     return re.sub(r"[^\w.-]+", "_", model).strip("_")
+
+
+def _epochs(row: dict) -> int:
+    return int(figures.per_epoch(row["data"].history, "train/box_loss")[0].max(initial=-1)) + 1
+
+
+def _first_epoch(row: dict, fits: list[dict]) -> int:
+    """Return the x at which a fit's losses are drawn from: after the epochs of the fit it continues (a sweep's
+    fine-tuning after its baseline; a fit by hand started from another fit's best.ckpt), else 0."""
+    if row["job"] == "finetune":
+        return next((_epochs(r) for r in fits if r["job"] == "baseline"), 0)
+    weights = row["data"].config.get("weights") if row["job"] == "fit" else None
+    if weights:
+        started_from = Path(weights).expanduser().resolve()
+        for r in fits:
+            if r is not row and r["job"] == "fit" and (Path(r["data"].source) / BEST).resolve() == started_from:
+                return _first_epoch(r, fits) + _epochs(r)
+    return 0
 
 
 def write_figures(rows: list[dict], out: Path) -> dict[str, list[Path]]:
@@ -135,16 +153,14 @@ def write_figures(rows: list[dict], out: Path) -> dict[str, list[Path]]:
         if curves:
             written["curves"].append(figures.curve_overlay(
                 f"{model}: class-mean curves on the validation set", curves, out / f"curves_{_file_name(model)}.png"))
-        fits = [r for r in mine if r["job"] in ("baseline", "finetune") and r["data"].history]
-        base = next((r for r in fits if r["job"] == "baseline"), None)
-        offset = int(figures.per_epoch(base["data"].history, "train/box_loss")[0].max(initial=-1)) + 1 if base else 0
+        fits = [r for r in mine if r["job"] in ("baseline", "finetune", "fit") and r["data"].history]
         if fits:
             written["losses"].append(figures.loss_curves(
                 f"{model}: losses per epoch (baseline, then fine-tuning after pruning)",
-                [(describe(r), r["data"].history, 0 if r is base else offset) for r in fits],
+                [(describe(r), r["data"].history, _first_epoch(r, fits)) for r in fits],
                 out / f"losses_{_file_name(model)}.png"))
-    points = [{**r, "kind": kind(r), "label": f"{r['model']}{_ratio(r)}{' no FT' if r['job'] == 'prune' else ''}"}
-              for r in rows if kind(r)]
+    points = [{**r, "kind": kind(r), "label": f"{r['model']}{_ratio(r)}" + {"prune": " no FT", "fit": f" {r['step']}"}
+               .get(r["job"], "")} for r in rows if kind(r)]
     if points:
         written["tradeoff"].append(figures.tradeoff(points, [
             ("GFLOPs", "GFLOPs (one image at the study's size)"),
@@ -172,11 +188,17 @@ def write_report(rows: list[dict], out: Path, title: str, unfinished: list[str] 
     header = [c for c, _, _ in COLUMNS]
     written = write_figures(rows, out)
     threads = sorted({r.get("latency_threads") for r in rows if r.get("latency_threads")})
-    note = (f"Generated {datetime.date.today()} from {len(rows)} W&B runs. Metrics are those of each run's W&B "
-            "summary (`final/*`): fits report their best checkpoint's validation, `prune` the model right after "
-            "one-shot pruning (no fine-tuning), `eval` a reloaded best checkpoint. Latency: CPU, batch 1, median, "
-            f"{'/'.join(map(str, threads)) or '?'} thread(s); checkpoint size includes optimizer state and raw "
-            "weights beside the EMA, ONNX size is the deployable model.")
+    by_hand = sum(r["job"] == "fit" for r in rows)
+    note = f"Generated {datetime.date.today()} from {len(rows)} runs. "
+    if by_hand < len(rows):
+        note += ("The sweep's metrics are those of each run's W&B summary (`final/*`): fits report their best "
+                 "checkpoint's validation, `prune` the model right after one-shot pruning (no fine-tuning), `eval` a "
+                 "reloaded best checkpoint. ")
+    if by_hand:
+        note += (f"{by_hand} fit(s) made by hand (job `fit`, named by their run folder) report their best.ckpt's "
+                 "validation; their size and latency were measured when this report was made. ")
+    note += (f"Latency: CPU, batch 1, median, {'/'.join(map(str, threads)) or '?'} thread(s); checkpoint size "
+             "includes optimizer state and raw weights beside the EMA, ONNX size is the deployable model.")
     if unfinished:
         note += (f" Unfinished steps (a W&B run without final results, e.g. an interrupted fit; their cells show -): "
                  f"{', '.join(unfinished)}. Run the same `tea-lightning sweep` command again to finish them.")
@@ -235,17 +257,25 @@ def _step_of(run: RunData) -> tuple[str | None, str, str]:
 
 
 def report_main(argv: list[str]) -> None:
-    """Write the study report (Markdown, HTML, figures) from offline W&B runs and, with WANDB_API_KEY, online ones."""
+    """Write the report (Markdown, HTML, figures) of a pruning study from its offline W&B runs and, with
+    WANDB_API_KEY, online ones, and of the fits made by hand whose run folders are found under the folders given
+    (a baseline fit and pruned fits started from its best.ckpt, compared the same way)."""
     parser = argparse.ArgumentParser(prog="tea-lightning report", description=report_main.__doc__)
     parser.add_argument("runs", type=Path, nargs="*", default=[],
-                        help="folders searched for offline W&B runs (e.g. the sweep's --out)")
+                        help="folders searched for offline W&B runs (e.g. the sweep's --out) and for the run "
+                        "folders of fits made by hand (e.g. their --trainer.default_root_dir)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: <first folder>/report)")
     parser.add_argument("--study", default=None, help="only this W&B group (the sweep's study name)")
     parser.add_argument("--project", default="tea-lightning", help="W&B project (entity/project) for online runs")
+    parser.add_argument("--latency-runs", type=int, default=30,
+                        help="timed runs per latency figure of the fits made by hand (median; 0: not timed, as "
+                        "on a busy machine; default: 30)")
     options = parser.parse_args(argv)
+    if options.latency_runs < 0:
+        raise ConfigError(f"--latency-runs must be 0 or more, got {options.latency_runs}.")
     for folder in options.runs:
         if not folder.is_dir():
-            raise ConfigError(f"{folder} is not a folder of W&B runs.")
+            raise ConfigError(f"{folder} is not a folder (give folders that hold W&B runs or fit run folders).")
     runs = offline_runs(options.runs)
     online = api_available()
     if online:
@@ -257,23 +287,29 @@ def report_main(argv: list[str]) -> None:
             online = False
     if options.study:
         runs = [r for r in runs if r.group == options.study]
-    rows = rows_of(runs)
+    by_hand = [] if options.study else fit_runs(options.runs, runs, options.latency_runs)
+    rows = rows_of(runs + by_hand)
     if not rows:
         where = f"in {', '.join(map(str, options.runs))}" if options.runs else \
             "(no folder given: name the sweep's --out folder, e.g. tea-lightning report runs/study)"
-        raise ConfigError(f"no sweep runs (W&B runs with final/* results) found {where}"
-                          + (f" for study {options.study!r}" if options.study else "") + ". `report` compares the "
-                          "steps of a `tea-lightning sweep` study (give its --out folder); for single checkpoints "
-                          "use `tea-lightning validate --ckpt_path CKPT` and `tea-lightning benchmark CKPT`.")
+        raise ConfigError(f"no runs to compare found {where}"
+                          + (f" for study {options.study!r}" if options.study else "") + ": `report` compares the "
+                          "steps of a `tea-lightning sweep` study (W&B runs with final/* results: give its --out "
+                          "folder) and fits made by hand (run folders with checkpoints/best.ckpt and config.yaml: "
+                          "give their --trainer.default_root_dir); for a single checkpoint use `tea-lightning "
+                          "validate --ckpt_path CKPT` and `tea-lightning benchmark CKPT`.")
     out = options.out or (options.runs[0] if options.runs else Path(".")) / "report"
-    studies = sorted({r["data"].group for r in rows})
+    studies = sorted({r["data"].group for r in rows if r["job"] != "fit"})
     # steps whose run has no final results, unless another run of the step finished (a run left behind when an
     # older version's sweep restarted an interrupted first fit instead of resuming it)
     done = {_step_of(row["data"]) for row in rows}
     unfinished = sorted("/".join(_step_of(run)[1:]) for run in runs if run.job_type in JOB_ORDER
                         and "final/mAP50" not in run.summary and _step_of(run) not in done)
-    md_path, html_path = write_report(rows, out, f"Pruning study: {', '.join(studies)}", unfinished)
+    title = ", ".join([*studies, *([f"{len(by_hand)} fit(s) made by hand"] if by_hand else [])])
+    md_path, html_path = write_report(rows, out, f"Pruning study: {title}", unfinished)
     print(f"Report of {len(rows)} runs: {md_path} and {html_path}")
+    if not studies:  # W&B Reports are published per study (the sweep's W&B group)
+        return
     if online:
         for study in studies:
             url = publish(options.project, study)

@@ -201,8 +201,9 @@ def test_report_names_unfinished_steps_and_what_finishes_them(study, tmp_path, m
     monkeypatch.undo()
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="no sweep runs .* `report` compares the steps of a `tea-lightning sweep` "
-                                          "study .* use `tea-lightning validate --ckpt_path CKPT`"):
+    with pytest.raises(ConfigError, match="no runs to compare found in .*empty: `report` compares the steps of a "
+                                          "`tea-lightning sweep` study .* and fits made by hand .* give their "
+                                          "--trainer.default_root_dir.* `tea-lightning validate --ckpt_path CKPT`"):
         report_main([str(tmp_path / "empty")])
 
 
