@@ -126,11 +126,20 @@ class Detector(pl.LightningModule):
         self.apply_memory_format()
 
     @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs) -> Detector:
+        """Lightning's `load_from_checkpoint`, without the files the run started from: Lightning rebuilds the module
+        from its saved arguments, which would read `weights` and `teacher` again (and fail once they have moved),
+        although every tensor is in the checkpoint. Pass `teacher=...` to fit the loaded model with distillation."""
+        kwargs.setdefault("weights", None)
+        kwargs.setdefault("teacher", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    @classmethod
     def from_checkpoint(cls, path: str | Path) -> Detector:
-        """Return a checkpoint's model (pruned or not) on the CPU, for inference or export. Every tensor comes from
-        the checkpoint: the files it was trained from (`weights`, `teacher`) need not exist any more."""
+        """Return a checkpoint's model (pruned or not) on the CPU, for inference or export, after checking that the
+        file is a tea-lightning checkpoint (an error names it otherwise)."""
         check_tea_checkpoint(path, "checkpoint")
-        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, weights=None, teacher=None)
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)
 
     def _take_pruned_architecture(self, state: dict[str, torch.Tensor], weights: str) -> None:
         """Narrow the model to a YOLOv5 .pt's layers where it is a pruned copy of it (export-pt of a pruned

@@ -56,3 +56,20 @@ def test_evaluation_takes_another_image_and_batch_size_than_training(synthetic_y
     dm = data(synthetic_yaml)
     (results,) = tiny(tmp_path).validate(Detector(nc=dm.nc, img_size=640, batch_size=16), datamodule=dm)
     assert "val/mAP50" in results
+
+
+def test_load_from_checkpoint_needs_none_of_the_files_the_run_started_from(synthetic_yaml, tmp_path):
+    # Lightning rebuilds the module from its saved arguments: it read the `weights` and `teacher` files again, so a
+    # checkpoint could not be loaded once they were moved, although every tensor is in the checkpoint
+    dm = data(synthetic_yaml)
+    start = tmp_path / "start.ckpt"
+    trainer = tiny(tmp_path)
+    trainer.fit(Detector(nc=dm.nc, img_size=64, batch_size=4), datamodule=dm)
+    trainer.save_checkpoint(start)
+    trainer = tiny(tmp_path)
+    trainer.fit(Detector(nc=dm.nc, img_size=64, batch_size=4, weights=str(start), teacher=str(start)), datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    start.unlink()
+    reloaded = Detector.load_from_checkpoint(tmp_path / "run.ckpt")
+    saved = torch.load(tmp_path / "run.ckpt", map_location="cpu")["state_dict"]
+    assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in saved.items())
