@@ -91,11 +91,40 @@ def _bbox_params() -> A.BboxParams:
                         min_height=2, clip=True)
 
 
-def _affine(aug: Augmentation) -> A.Affine:
-    """Return YOLOv5's random_perspective (without perspective) as an albumentations Affine."""
-    return A.Affine(scale=(1 - aug.scale, 1 + aug.scale), translate_percent=(-aug.translate, aug.translate),
+def _affine(aug: Augmentation, shift: float = 1.0) -> A.Affine:
+    """Return YOLOv5's random_perspective (without perspective) as an albumentations Affine; `shift` is the output's
+    side over the input's (YOLOv5 translates by up to `translate` of the output)."""
+    translate = aug.translate * shift
+    return A.Affine(scale=(1 - aug.scale, 1 + aug.scale), translate_percent=(-translate, translate),
                     rotate=(-aug.degrees, aug.degrees), shear=(-aug.shear, aug.shear), keep_ratio=True,
                     border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0)
+
+
+def mosaic_canvas(tiles: list[tuple[np.ndarray, np.ndarray]], size: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Return YOLOv5's mosaic of four images (longest side `size`) on a 2size x 2size canvas and their boxes [cls, cx,
+    cy, w, h] normalised to it: each image has a corner at a random centre (in the middle half of the canvas), the
+    first above and left of it, then above-right, below-left, below-right; what reaches past the canvas is cut.
+
+    By hand because albumentations' Mosaic fits each image into a grid cell (centred, leaving a padding band through
+    the mosaic, or cropped) and hands back only a window of the output's size, where YOLOv5 scales and shifts the
+    whole canvas before it keeps the window (TrainTransform)."""
+    side = 2 * size
+    canvas = np.full((side, side, 3), PAD_VALUE, np.uint8)
+    yc, xc = (int(v) for v in rng.uniform(size / 2, 3 * size / 2, size=2))
+    placed = []
+    for i, (image, boxes) in enumerate(tiles):
+        h, w = image.shape[:2]
+        left, top = (xc - w if i in (0, 2) else xc), (yc - h if i in (0, 1) else yc)
+        x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + w, side), min(top + h, side)
+        canvas[y0:y1, x0:x1] = image[y0 - top:y1 - top, x0 - left:x1 - left]
+        xyxy = np.stack([(boxes[:, 1] - boxes[:, 3] / 2) * w + left, (boxes[:, 2] - boxes[:, 4] / 2) * h + top,
+                         (boxes[:, 1] + boxes[:, 3] / 2) * w + left, (boxes[:, 2] + boxes[:, 4] / 2) * h + top], 1)
+        placed.append(np.concatenate([boxes[:, :1], np.clip(xyxy, 0, side)], 1))
+    labels = np.concatenate(placed).astype(np.float32).reshape(-1, 5)
+    labels = labels[(labels[:, 3] > labels[:, 1]) & (labels[:, 4] > labels[:, 2])]  # not wholly cut off
+    (x0, y0, x1, y1) = labels[:, 1:].T / side
+    return canvas, np.stack([labels[:, 0], (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], 1)
 
 
 class TrainTransform:
@@ -105,16 +134,10 @@ class TrainTransform:
     def __init__(self, img_size: int, aug: Augmentation):
         self.img_size, self.aug = img_size, aug
         s = img_size
-        # YOLOv5 puts four images around a random centre of a 2s canvas, scales that canvas about its centre and
-        # keeps the central s x s window. Here Mosaic cuts the s x s window around a random centre (the same
-        # placement), and Affine scales the window itself: at scale < 1 the border is padding instead of more
-        # mosaic. Warping s x s instead of 2s x 2s keeps the loader near YOLOv5's speed on two cores (~25 ms an
-        # image against ~45 ms), which matters where the loader and the model share the CPU.
-        self.mosaic = A.Compose([
-            A.Mosaic(grid_yx=(2, 2), cell_shape=(s, s), target_size=(s, s), center_range=(0.0, 1.0),
-                     fit_mode="contain", fill=PAD_VALUE, p=1.0),
-            _affine(aug),
-        ], bbox_params=_bbox_params())
+        self._rng = np.random.default_rng()  # the mosaic's centre; reseed() gives each loader process its own
+        # YOLOv5 scales and shifts the whole 2s x 2s mosaic (mosaic_canvas) about its centre and keeps the central
+        # s x s window: zoomed out or shifted, the window shows more mosaic, not padding.
+        self.mosaic = A.Compose([_affine(aug, shift=0.5), A.CenterCrop(s, s)], bbox_params=_bbox_params())
         self.single = A.Compose([
             A.LongestMaxSize(max_size=s),
             A.PadIfNeeded(s, s, border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE),
@@ -131,6 +154,7 @@ class TrainTransform:
         """Give the albumentations pipelines their own random generators."""
         for pipeline in (self.mosaic, self.single, self.photometric):
             pipeline.set_random_seed(seed)
+        self._rng = np.random.default_rng(seed)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray,
                  others: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -138,8 +162,8 @@ class TrainTransform:
         image alone when there are none (the caller draws the mosaic probability, so that it loads them only when
         they are used)."""
         if others:
-            metadata = [{"image": img, "bboxes": b[:, 1:], "class_labels": b[:, 0]} for img, b in others]
-            out = self.mosaic(image=image, bboxes=boxes[:, 1:], class_labels=boxes[:, 0], mosaic_metadata=metadata)
+            canvas, labels = mosaic_canvas([(image, boxes), *others], self.img_size, self._rng)
+            out = self.mosaic(image=canvas, bboxes=labels[:, 1:], class_labels=labels[:, 0])
         else:
             out = self.single(image=image, bboxes=boxes[:, 1:], class_labels=boxes[:, 0])
         out = self.photometric(image=out["image"], bboxes=out["bboxes"], class_labels=out["class_labels"])

@@ -7,7 +7,7 @@ from PIL import Image
 
 from tea_lightning.data.dataset import EvalDataset, TrainDataset, collate
 from tea_lightning.data.labels import ImageRecord
-from tea_lightning.data.transforms import Augmentation, letterbox, rect_shape
+from tea_lightning.data.transforms import PAD_VALUE, Augmentation, letterbox, mosaic_canvas, rect_shape
 from tea_lightning.model.postprocess import unletterbox_boxes
 
 NO_AUGMENTATION = Augmentation(mosaic=0, scale=0, translate=0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0)
@@ -95,6 +95,38 @@ def test_mosaic_combines_images_and_keeps_boxes_inside(tmp_path):
     assert max(counts) >= 2  # several source images in one sample
     labels = torch.cat([dataset[i % 6].labels for i in range(10)])
     assert ((labels[:, 1:] >= 0) & (labels[:, 1:] <= 1)).all()
+
+
+def test_the_mosaic_canvas_puts_a_corner_of_each_image_at_its_centre_as_yolov5_does():
+    # four 4:3 and 3:4 images, each a plain colour with a white object; albumentations' Mosaic centred each one in
+    # its cell, which left a padding band through the mosaic
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)]
+    tiles = []
+    for colour, (h, w) in zip(colours, [(96, 128), (128, 96), (96, 128), (128, 96)]):
+        image = np.full((h, w, 3), colour, np.uint8)
+        image[20:50, 30:70] = 255
+        tiles.append((image, np.array([[1, 50 / w, 35 / h, 40 / w, 30 / h]], np.float32)))
+    for seed in range(5):
+        canvas, labels = mosaic_canvas(tiles, 128, np.random.default_rng(seed))
+        assert canvas.shape == (256, 256, 3)
+        bottom, right = np.argwhere((canvas == colours[0]).all(2)).max(0) + 1  # the first tile's corner
+        assert 64 <= bottom <= 192 and 64 <= right <= 192  # the centre lies in the middle half
+        for colour, (dy, dx) in zip(colours, [(-1, -1), (-1, 0), (0, -1), (0, 0)]):  # each pixel around the centre
+            assert tuple(canvas[bottom + dy, right + dx]) == colour
+        assert len(labels) >= 1
+        for label in labels:  # every box lies on a white object (one cut at the canvas edge too)
+            _, cx, cy, w, h = label * np.array([1, 256, 256, 256, 256])
+            inside = canvas[int(cy - h / 2) + 1:int(cy + h / 2) - 1, int(cx - w / 2) + 1:int(cx + w / 2) - 1]
+            assert inside.size and (inside == 255).all()
+
+
+def test_a_zoomed_out_mosaic_shows_more_mosaic_not_padding(tmp_path):
+    # YOLOv5 scales the whole 2s x 2s mosaic about its centre and keeps the middle s x s: zoomed out (scale < 1)
+    # or shifted, the window shows more of the mosaic. Scaling an s x s window instead padded a quarter of it.
+    records = [square_image(tmp_path, f"img{i}", (100, 100), (30, 30, 70, 70)) for i in range(6)]
+    dataset = TrainDataset(records, 128, Augmentation(scale=0.5, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0))
+    padded = [(dataset[i % 6].image == PAD_VALUE).all(0).float().mean().item() for i in range(30)]
+    assert np.mean(padded) < 0.1
 
 
 def test_ddp_processes_with_the_same_seed_augment_differently(tmp_path):
