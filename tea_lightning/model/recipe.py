@@ -176,13 +176,13 @@ class ExponentialMovingAverage(WeightAveraging):
         super().__init__(use_buffers=True, multi_avg_fn=ramped_ema(decay, tau))
 
     def follow_structure(self, pl_module: pl.LightningModule) -> None:
-        """Restart the average from the module's current weights when its architecture changed (pruning), keeping
-        the update count so the decay ramp goes on where it was."""
+        """Restart the average from the module's current weights, its decay ramp from the start, when its
+        architecture changed: pruned weights are new weights, for which YOLOv5 starts a new EMA (an average that
+        went on with the update count of a long run would hold the collapsed weights of the step for thousands of
+        updates). A checkpoint's load then restores the count it saved."""
         if self._average_model is None or _same_shapes(self._average_model.module, pl_module):
             return
-        updates = self._average_model.n_averaged.clone()
         self._average_model = AveragedModel(pl_module, use_buffers=True, **self._kwargs)
-        self._average_model.n_averaged.copy_(updates)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # The module was resized to the checkpoint's (pruned) architecture before this hook; the average follows.

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
-from tea_lightning.model.recipe import Recipe, accumulation_steps, apply_schedule, build_optimizer, lr_factor, \
+from tea_lightning.model.recipe import ExponentialMovingAverage, Recipe, accumulation_steps, apply_schedule, build_optimizer, lr_factor, \
     parameter_groups, ramped_ema, warmup_iterations
 
 
@@ -80,3 +81,19 @@ def test_loss_gains_are_scaled_like_train_py():
     assert hyp["box"] == pytest.approx(0.05)
     assert hyp["cls"] == pytest.approx(0.5 * 4 / 80)
     assert hyp["obj"] == pytest.approx((416 / 640) ** 2)
+
+
+def test_after_a_pruning_step_the_ema_starts_anew_as_yolov5_does_for_new_weights():
+    # The average kept the update count of the run before the step: after 20,000 updates its decay is 0.99985, so
+    # the just-pruned (collapsed) weights stayed in the validated and saved EMA for thousands of updates.
+    net = small_net()
+    ema = ExponentialMovingAverage()
+    ema._average_model = AveragedModel(net, use_buffers=True, **ema._kwargs)
+    ema._average_model.n_averaged.fill_(20000)
+    net[0], net[1], net[2] = nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)  # a channel pruned away
+    ema.follow_structure(net)
+    assert int(ema._average_model.n_averaged) == 0
+    with torch.no_grad():
+        net[2].weight.add_(1.0)  # training moves on
+    ema._average_model.update_parameters(net)  # YOLOv5's first update of a new EMA keeps ~all of the new weights
+    torch.testing.assert_close(ema._average_model.module[2].weight, net[2].weight, atol=1e-3, rtol=0)
