@@ -184,6 +184,13 @@ class ExponentialMovingAverage(WeightAveraging):
             return
         self._average_model = AveragedModel(pl_module, use_buffers=True, **self._kwargs)
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning builds the average in `setup`, before the strategy moves the module to its GPU: left on the CPU,
+        # every optimizer step would copy all weights to the host and average them there.
+        super().on_fit_start(trainer, pl_module)
+        if self._average_model is not None:
+            self._average_model.to(pl_module.device)
+
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # The module was resized to the checkpoint's (pruned) architecture before this hook; the average follows.
         self.follow_structure(pl_module)

@@ -97,3 +97,21 @@ def test_after_a_pruning_step_the_ema_starts_anew_as_yolov5_does_for_new_weights
         net[2].weight.add_(1.0)  # training moves on
     ema._average_model.update_parameters(net)  # YOLOv5's first update of a new EMA keeps ~all of the new weights
     torch.testing.assert_close(ema._average_model.module[2].weight, net[2].weight, atol=1e-3, rtol=0)
+
+
+def test_the_ema_is_kept_on_the_device_the_module_trains_on():
+    # Lightning builds the average in `setup`, before the strategy moves the module to its GPU; here the "meta"
+    # device stands for the GPU this machine does not have
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = small_net()
+
+    module = Module()
+    ema = ExponentialMovingAverage()
+    ema.setup(None, module, "fit")
+    module.to("meta")
+    ema.on_fit_start(None, module)
+    assert {p.device.type for p in ema._average_model.parameters()} == {"meta"}
