@@ -26,12 +26,12 @@ class Recipe:
         optimizer: SGD (with Nesterov momentum, YOLOv5's default) or AdamW.
         lr0: initial learning rate.
         lrf: final learning rate, as a fraction of lr0, reached at the last epoch.
-        momentum: SGD momentum (AdamW's beta1).
+        momentum: SGD momentum (AdamW's beta1, fixed: as in YOLOv5, only SGD's momentum warms up).
         weight_decay: weight decay of the convolution weights, scaled with the nominal batch as YOLOv5 scales it.
         warmup_epochs: epochs of warmup (fractions allowed), in which the learning rate, the biases' learning rate
             and the momentum move to their training values.
         warmup_min_iterations: the least number of warmup iterations, whatever warmup_epochs gives.
-        warmup_momentum: momentum at the start of warmup.
+        warmup_momentum: SGD's momentum at the start of warmup.
         warmup_bias_lr: learning rate of the biases at the start of warmup.
         cos_lr: a cosine learning-rate schedule instead of the linear one.
         nominal_batch_size: images per optimizer step: gradients accumulate over batches up to it.
@@ -148,10 +148,8 @@ def apply_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, iteration: 
         # the bias learning rate falls from warmup_bias_lr, all others rise from 0
         group["lr"] = float(np.interp(iteration, xi, [recipe.warmup_bias_lr if j == 0 else 0.0, target]))
         momentum = float(np.interp(iteration, xi, [recipe.warmup_momentum, recipe.momentum]))
-        if "momentum" in group:
+        if "momentum" in group:  # SGD's; YOLOv5 leaves AdamW's beta1 at `momentum` through warmup
             group["momentum"] = momentum
-        elif "betas" in group:
-            group["betas"] = (momentum, group["betas"][1])
     nominal = recipe.nominal_batch_size / (batch_size * world_size)
     return max(1, round(float(np.interp(iteration, xi, [1, nominal]))))
 

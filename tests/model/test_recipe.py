@@ -115,3 +115,14 @@ def test_the_ema_is_kept_on_the_device_the_module_trains_on():
     module.to("meta")
     ema.on_fit_start(None, module)
     assert {p.device.type for p in ema._average_model.parameters()} == {"meta"}
+
+
+def test_warmup_moves_sgds_momentum_and_leaves_adamws_beta1_as_yolov5_does():
+    recipe = Recipe(warmup_momentum=0.8, momentum=0.937)
+    sgd = build_optimizer(small_net(), recipe, 8, 1)
+    apply_schedule(sgd, recipe, iteration=0, epoch=0, epochs=10, warmup=100, batch_size=8, world_size=1)
+    assert all(group["momentum"] == 0.8 for group in sgd.param_groups)
+    adamw_recipe = Recipe(optimizer="AdamW", warmup_momentum=0.8, momentum=0.937)
+    adamw = build_optimizer(small_net(), adamw_recipe, 8, 1)
+    apply_schedule(adamw, adamw_recipe, iteration=0, epoch=0, epochs=10, warmup=100, batch_size=8, world_size=1)
+    assert all(group["betas"] == (0.937, 0.999) for group in adamw.param_groups)
