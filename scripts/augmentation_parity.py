@@ -1,0 +1,71 @@
+"""Benchmark (docs/benchmarks.md "The training mosaic with YOLOv5's geometry"): training samples of YOLOv5 7.0.14's
+own loader (`LoadImagesAndLabels(augment=True)` with hyp.scratch-low) beside tea-lightning's `TrainDataset` on the
+same images: boxes per sample, median box area and the share of padding pixels (PAD_VALUE on every channel), with
+HSV jitter off so that padding stays exactly grey. A mosaic that pads where YOLOv5 shows more images gives fewer
+boxes and more grey.
+
+    python scripts/augmentation_parity.py ../shared/data/tea_shoots/data.yaml --img 416 --samples 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tea_lightning.data.datamodule import YoloDataModule  # noqa: E402
+from tea_lightning.data.dataset import TrainDataset  # noqa: E402
+from tea_lightning.data.transforms import PAD_VALUE, Augmentation  # noqa: E402
+
+
+def statistics(samples) -> tuple[float, float, float]:
+    """Return boxes per sample, the median box area (share of the image) and the padding share of the pixels, from
+    (CHW uint8 image, [cls, cx, cy, w, h] labels) pairs."""
+    boxes, areas, padding = [], [], []
+    for image, labels in samples:
+        boxes.append(len(labels))
+        areas.extend(labels[:, 3] * labels[:, 4])
+        padding.append((image == PAD_VALUE).all(0).mean())
+    return float(np.mean(boxes)), float(np.median(areas)), float(np.mean(padding))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", type=Path, help="a YOLO data.yaml")
+    parser.add_argument("--img", type=int, default=416)
+    parser.add_argument("--samples", type=int, default=300)
+    options = parser.parse_args()
+    os.environ.setdefault("YOLOv5_VERBOSE", "false")
+    import yolov5
+    from yolov5.utils.dataloaders import LoadImagesAndLabels
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    hyp = yaml.safe_load((Path(yolov5.__file__).parent / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
+    hyp.update(hsv_h=0, hsv_s=0, hsv_v=0)
+    module = YoloDataModule(str(options.data), img_size=options.img, batch_size=4, workers=0)
+    records = module.split("train").records
+    described = yaml.safe_load(options.data.read_text())
+    root = options.data.parent / described.get("path", ".")
+    train = [str(root / p) for p in np.atleast_1d(described["train"])]  # the folders or lists YOLOv5 reads
+    reference = LoadImagesAndLabels(train, img_size=options.img, batch_size=4, augment=True, hyp=hyp)
+    ours = TrainDataset(records, options.img, Augmentation(hsv_h=0, hsv_s=0, hsv_v=0))
+    picks = [i % len(records) for i in range(options.samples)]
+    rows = [("YOLOv5 7.0.14 LoadImagesAndLabels", statistics(
+                (reference[i][0].numpy(), reference[i][1][:, 1:].numpy()) for i in picks)),
+            ("tea-lightning TrainDataset", statistics(
+                (s.image.numpy(), s.labels.numpy()) for s in (ours[i] for i in picks)))]
+    print(f"{options.data} at {options.img}, {options.samples} training samples, HSV jitter off\n"
+          "| loader | boxes per sample | median box area | padding share |\n|---|---|---|---|")
+    for name, (boxes, area, padding) in rows:
+        print(f"| {name} | {boxes:.2f} | {area:.4f} | {padding:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
