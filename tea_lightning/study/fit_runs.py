@@ -103,7 +103,7 @@ def read_fit_run(folder: Path, label: str, latency_runs: int, logged: RunData | 
     results["ckpt_MB"] = path.stat().st_size / 1e6
     return RunData(folder.name, name=label, job_type="fit",
                    config={"model": Path(hparams["model_cfg"]).stem, "pruning_ratio": ratio,
-                           "weights": (config.get("model") or {}).get("weights"), "epoch": checkpoint.get("epoch")},
+                           "weights": (config.get("model") or {}).get("weights")},  # where its losses start
                    summary={f"final/{key}": value for key, value in results.items() if value is not None},
                    history=_history(folder, logged), files=[folder / "plots" / "val"], source=str(folder))
 
