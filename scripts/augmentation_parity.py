@@ -1,7 +1,7 @@
 """Benchmark (docs/benchmarks.md "The training mosaic with YOLOv5's geometry"): training samples of YOLOv5 7.0.14's
 own loader (`LoadImagesAndLabels(augment=True)` with hyp.scratch-low) beside tea-lightning's `TrainDataset` on the
-same images: boxes per sample, median box area and the share of padding pixels (PAD_VALUE on every channel), with
-HSV jitter off so that padding stays exactly grey. A mosaic that pads where YOLOv5 shows more images gives fewer
+same images: boxes per sample, median box area, the share of padding pixels (PAD_VALUE on every channel) and the
+time a sample takes (read, resized, augmented), with HSV jitter off so that padding stays exactly grey. A mosaic that pads where YOLOv5 shows more images gives fewer
 boxes and more grey.
 
     python scripts/augmentation_parity.py ../shared/data/tea_shoots/data.yaml --img 416 --samples 300
@@ -13,6 +13,7 @@ import argparse
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,18 @@ from tea_lightning.data.dataset import TrainDataset  # noqa: E402
 from tea_lightning.data.transforms import PAD_VALUE, Augmentation  # noqa: E402
 
 
-def statistics(samples) -> tuple[float, float, float]:
-    """Return boxes per sample, the median box area (share of the image) and the padding share of the pixels, from
-    (CHW uint8 image, [cls, cx, cy, w, h] labels) pairs."""
-    boxes, areas, padding = [], [], []
-    for image, labels in samples:
+def statistics(fetch, picks: list[int]) -> tuple[float, float, float, float]:
+    """Return boxes per sample, the median box area (share of the image), the padding share of the pixels and the
+    milliseconds per sample of `fetch(index)`, which returns a (CHW uint8 image, [cls, cx, cy, w, h] labels) pair."""
+    boxes, areas, padding, seconds = [], [], [], 0.0
+    for index in picks:
+        start = time.perf_counter()
+        image, labels = fetch(index)
+        seconds += time.perf_counter() - start
         boxes.append(len(labels))
         areas.extend(labels[:, 3] * labels[:, 4])
         padding.append((image == PAD_VALUE).all(0).mean())
-    return float(np.mean(boxes)), float(np.median(areas)), float(np.mean(padding))
+    return float(np.mean(boxes)), float(np.median(areas)), float(np.mean(padding)), 1000 * seconds / len(picks)
 
 
 def main() -> None:
@@ -57,14 +61,22 @@ def main() -> None:
     reference = LoadImagesAndLabels(train, img_size=options.img, batch_size=4, augment=True, hyp=hyp)
     ours = TrainDataset(records, options.img, Augmentation(hsv_h=0, hsv_s=0, hsv_v=0))
     picks = [i % len(records) for i in range(options.samples)]
-    rows = [("YOLOv5 7.0.14 LoadImagesAndLabels", statistics(
-                (reference[i][0].numpy(), reference[i][1][:, 1:].numpy()) for i in picks)),
-            ("tea-lightning TrainDataset", statistics(
-                (s.image.numpy(), s.labels.numpy()) for s in (ours[i] for i in picks)))]
-    print(f"{options.data} at {options.img}, {options.samples} training samples, HSV jitter off\n"
-          "| loader | boxes per sample | median box area | padding share |\n|---|---|---|---|")
-    for name, (boxes, area, padding) in rows:
-        print(f"| {name} | {boxes:.2f} | {area:.4f} | {padding:.1%} |")
+
+    def yolov5_sample(index: int):
+        image, labels, *_ = reference[index]
+        return image.numpy(), labels[:, 1:].numpy()  # YOLOv5's first label column is the image's batch index
+
+    def our_sample(index: int):
+        sample = ours[index]
+        return sample.image.numpy(), sample.labels.numpy()
+
+    rows = [("YOLOv5 7.0.14 LoadImagesAndLabels", statistics(yolov5_sample, picks)),
+            ("tea-lightning TrainDataset", statistics(our_sample, picks))]
+    print(f"{options.data} at {options.img}, {options.samples} training samples, HSV jitter off, "
+          f"{torch.get_num_threads()} threads\n"
+          "| loader | boxes per sample | median box area | padding share | ms per sample |\n|---|---|---|---|---|")
+    for name, (boxes, area, padding, ms) in rows:
+        print(f"| {name} | {boxes:.2f} | {area:.4f} | {padding:.1%} | {ms:.1f} |")
 
 
 if __name__ == "__main__":
