@@ -97,8 +97,10 @@ class YoloDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Return the augmented, shuffled training loader."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        return self._loader(TrainDataset(self.split("train").records, self.img_size, self.augmentation, rank),
-                            self.batch_size, shuffle=True)
+        dataset = TrainDataset(self.split("train").records, self.img_size, self.augmentation, rank)
+        if self.trainer is not None:  # a fit resumed in its last epochs starts without the mosaic
+            dataset.set_epoch(self.trainer.current_epoch, self.trainer.max_epochs)
+        return self._loader(dataset, self.batch_size, shuffle=True)
 
     def importance_dataloader(self, images: int) -> DataLoader:
         """Return `images` training images spread over the split, unaugmented and in a fixed order.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import Dataset, get_worker_info
 
 from tea_lightning.data.labels import ImageRecord
@@ -34,6 +35,18 @@ class TrainDataset(Dataset):
         self.transform = TrainTransform(img_size, augmentation)
         self.rank = rank  # the training process's global rank: DDP processes share torch's seed
         self._rng: np.random.Generator | None = None
+        # The loader's worker processes keep their copy of the dataset for the whole fit (persistent workers): the
+        # switch lives in shared memory, so that set_epoch in the training process reaches them.
+        self._mosaic_closed = torch.zeros((), dtype=torch.bool).share_memory_()
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Turn the mosaic off for the last `augmentation.close_mosaic` of `epochs`, here and in the loader workers
+        (call it before the epoch's batches are drawn)."""
+        closed = epoch >= epochs - self.augmentation.close_mosaic
+        if closed and not self._mosaic_closed:
+            rank_zero_info(f"Epoch {epoch}: the mosaic is off for the last {epochs - epoch} epochs "
+                           "(--data.augmentation.close_mosaic).")
+        self._mosaic_closed.fill_(closed)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -57,7 +70,7 @@ class TrainDataset(Dataset):
         rng = self._generator()
         image, boxes = self._load(index)
         others = []
-        if rng.random() < self.augmentation.mosaic:
+        if not self._mosaic_closed and rng.random() < self.augmentation.mosaic:
             others = [self._load(int(i)) for i in rng.integers(0, len(self.records), size=3)]
         image, labels = self.transform(image, boxes, others)
         record = self.records[index]

@@ -29,6 +29,8 @@ class Augmentation:
         hsv_v: value (brightness) jitter (fraction).
         fliplr: probability of a left-right flip.
         flipud: probability of an up-down flip.
+        close_mosaic: train the last this many epochs without the mosaic (Ultralytics' `close_mosaic`: the model
+            ends on whole images like those it is validated on; YOLOv5 has no such option, hence 0).
     """
 
     mosaic: float = 1.0
@@ -41,6 +43,7 @@ class Augmentation:
     hsv_v: float = 0.4
     fliplr: float = 0.5
     flipud: float = 0.0
+    close_mosaic: int = 0
 
 
 def read_rgb(path: Path) -> np.ndarray:

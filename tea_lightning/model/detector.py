@@ -251,6 +251,13 @@ class Detector(pl.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams({**summary, "recipe": self.recipe.as_dict()})
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning tells samplers the epoch (set_epoch); the training set's augmentation follows it too
+        # (--data.augmentation.close_mosaic). From epoch 1 on this runs before the epoch's batches are drawn.
+        set_epoch = getattr(getattr(self.trainer.train_dataloader, "dataset", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch, self.trainer.max_epochs)
+
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Run one batch of YOLOv5's loop: schedule, forward, loss, backward and (every `accumulate`) a step."""

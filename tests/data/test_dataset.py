@@ -97,6 +97,26 @@ def test_mosaic_combines_images_and_keeps_boxes_inside(tmp_path):
     assert ((labels[:, 1:] >= 0) & (labels[:, 1:] <= 1)).all()
 
 
+def test_close_mosaic_reaches_loader_workers_that_persist_between_epochs(tmp_path):
+    # a grey image among blue ones: its sample shows blue only when it is a mosaic
+    records = [square_image(tmp_path, "grey", (100, 100), (30, 30, 70, 70))]
+    for i in range(3):
+        path = tmp_path / f"blue{i}.png"
+        Image.fromarray(np.full((100, 100, 3), (0, 0, 255), np.uint8)).save(path)
+        records.append(ImageRecord(path, 100, 100, np.zeros((0, 5), np.float32), "box"))
+    dataset = TrainDataset(records, 128, Augmentation(hsv_h=0, hsv_s=0, hsv_v=0, close_mosaic=2))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=[0] * 8, num_workers=1,
+                                         persistent_workers=True, collate_fn=collate)
+
+    def samples_showing_blue() -> int:
+        return sum(bool(((image[2] > 180) & (image[0] < 90)).any()) for batch in loader for image in batch["images"])
+
+    dataset.set_epoch(7, 10)
+    assert samples_showing_blue() >= 6
+    dataset.set_epoch(8, 10)  # the worker started in epoch 7 draws these
+    assert samples_showing_blue() == 0
+
+
 def test_the_mosaic_canvas_puts_a_corner_of_each_image_at_its_centre_as_yolov5_does():
     # four 4:3 and 3:4 images, each a plain colour with a white object; albumentations' Mosaic centred each one in
     # its cell, which left a padding band through the mosaic

@@ -1,10 +1,13 @@
 """The module and data module used from Python, with a plain Lightning Trainer (no CLI to link their settings)."""
 
+import logging
+
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from tea_lightning import Detector, YoloDataModule
+from tea_lightning.data.transforms import Augmentation
 from tea_lightning.errors import ConfigError
 
 
@@ -73,3 +76,15 @@ def test_load_from_checkpoint_needs_none_of_the_files_the_run_started_from(synth
     reloaded = Detector.load_from_checkpoint(tmp_path / "run.ckpt")
     saved = torch.load(tmp_path / "run.ckpt", map_location="cpu")["state_dict"]
     assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in saved.items())
+
+
+def test_close_mosaic_turns_the_mosaic_off_for_the_last_epochs_of_a_fit(synthetic_yaml, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    dm = YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0,
+                        augmentation=Augmentation(close_mosaic=2))
+    trainer = pl.Trainer(max_epochs=4, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Detector(nc=dm.nc, img_size=64, batch_size=4), datamodule=dm)
+    closing = [r.getMessage() for r in caplog.records if "the mosaic is off" in r.getMessage()]
+    assert closing == ["Epoch 2: the mosaic is off for the last 2 epochs (--data.augmentation.close_mosaic)."]
