@@ -130,6 +130,33 @@ def mosaic_canvas(tiles: list[tuple[np.ndarray, np.ndarray]], size: int,
     return canvas, np.stack([labels[:, 0], (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], 1)
 
 
+class HSVGains(A.ImageOnlyTransform):
+    """YOLOv5's HSV augmentation: hue, saturation and value each multiplied by a random gain in 1 +/- its limit.
+
+    By hand because albumentations' colour transforms (ColorJitter, HueSaturationValue) add a hue angle: at
+    YOLOv5's hsv_h that moves green, the colour of tea shoots, about three times as far as YOLOv5's gain does.
+    """
+
+    def __init__(self, hue: float, saturation: float, value: float, p: float = 1.0):
+        super().__init__(p=p)
+        self.limits = (hue, saturation, value)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("limits",)
+
+    def get_params(self) -> dict:
+        return {"gains": [1 + self.py_random.uniform(-limit, limit) for limit in self.limits]}
+
+    def apply(self, img: np.ndarray, gains: list[float], **params) -> np.ndarray:
+        if not any(self.limits):  # the round trip through HSV is not lossless
+            return img
+        x = np.arange(256, dtype=np.float64)  # lookup tables, as YOLOv5 builds them (hue in OpenCV's 0-180)
+        tables = ((x * gains[0]) % 180, np.clip(x * gains[1], 0, 255), np.clip(x * gains[2], 0, 255))
+        channels = cv2.split(cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
+        hsv = cv2.merge([cv2.LUT(c, t.astype(np.uint8)) for c, t in zip(channels, tables)])
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
 class TrainTransform:
     """YOLOv5's training augmentation: mosaic of four images (or one letterboxed image), random scale and
     translation, HSV jitter and flips; outputs a square `img_size` image with YOLO boxes."""
@@ -146,9 +173,8 @@ class TrainTransform:
             A.PadIfNeeded(s, s, border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE),
             _affine(aug),
         ], bbox_params=_bbox_params())
-        # ColorJitter's brightness/saturation factors and hue shift mirror YOLOv5's HSV gains.
         self.photometric = A.Compose([
-            A.ColorJitter(brightness=aug.hsv_v, contrast=0, saturation=aug.hsv_s, hue=aug.hsv_h, p=1.0),
+            HSVGains(aug.hsv_h, aug.hsv_s, aug.hsv_v),
             A.HorizontalFlip(p=aug.fliplr),
             A.VerticalFlip(p=aug.flipud),
         ], bbox_params=_bbox_params())

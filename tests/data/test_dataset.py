@@ -7,8 +7,9 @@ from PIL import Image
 
 from tea_lightning.data.dataset import EvalDataset, TrainDataset, collate
 from tea_lightning.data.labels import ImageRecord
-from tea_lightning.data.transforms import PAD_VALUE, Augmentation, letterbox, mosaic_canvas, rect_shape
+from tea_lightning.data.transforms import PAD_VALUE, Augmentation, HSVGains, letterbox, mosaic_canvas, rect_shape
 from tea_lightning.model.postprocess import unletterbox_boxes
+from tests.conftest import TEA_SHOOTS, need
 
 NO_AUGMENTATION = Augmentation(mosaic=0, scale=0, translate=0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0)
 
@@ -115,6 +116,31 @@ def test_close_mosaic_reaches_loader_workers_that_persist_between_epochs(tmp_pat
     assert samples_showing_blue() >= 6
     dataset.set_epoch(8, 10)  # the worker started in epoch 7 draws these
     assert samples_showing_blue() == 0
+
+
+def test_hsv_gains_are_yolov5s():
+    from yolov5.utils.augmentations import augment_hsv
+
+    image = np.asarray(Image.open(min((need(TEA_SHOOTS).parent / "images" / "val").iterdir())).convert("RGB"))
+    for seed in range(3):
+        np.random.seed(seed)
+        gains = np.random.uniform(-1, 1, 3) * [0.015, 0.7, 0.4] + 1  # YOLOv5's draw, repeated below
+        np.random.seed(seed)
+        expected = image[..., ::-1].copy()  # YOLOv5 works on BGR in place
+        augment_hsv(expected, 0.015, 0.7, 0.4)
+        ours = HSVGains(0.015, 0.7, 0.4).apply(image, gains=list(gains))
+        assert np.array_equal(ours, expected[..., ::-1])
+
+
+def test_the_hue_gain_moves_green_by_a_fraction_of_its_hue_and_red_not_at_all():
+    import cv2
+
+    green_red = np.array([[[40, 160, 40], [200, 20, 20]]], np.uint8)
+    hue = cv2.cvtColor(green_red, cv2.COLOR_RGB2HSV)[0, :, 0].astype(int)  # OpenCV's 0-180
+    transform = HSVGains(0.015, 0, 0)
+    for _ in range(20):
+        moved = cv2.cvtColor(transform(image=green_red)["image"], cv2.COLOR_RGB2HSV)[0, :, 0].astype(int)
+        assert abs(moved[0] - hue[0]) <= 0.015 * hue[0] + 1 and moved[1] == hue[1]
 
 
 def test_the_mosaic_canvas_puts_a_corner_of_each_image_at_its_centre_as_yolov5_does():
