@@ -11,6 +11,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from tea_lightning.errors import ConfigError
+
 PAD_VALUE = 114  # YOLOv5's grey, so padded regions look the same to a model trained by either tool
 
 
@@ -44,6 +46,15 @@ class Augmentation:
     fliplr: float = 0.5
     flipud: float = 0.0
     close_mosaic: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [f"{name} {getattr(self, name)} (a probability: 0 to 1)" for name in ("mosaic", "fliplr", "flipud")
+               if not 0 <= getattr(self, name) <= 1]
+        bad += [f"{name} {getattr(self, name)} (at least 0)" for name in ("scale", "translate", "degrees", "shear",
+                                                                          "hsv_h", "hsv_s", "hsv_v", "close_mosaic")
+                if getattr(self, name) < 0]
+        if bad:
+            raise ConfigError(f"--data.augmentation: {', '.join(bad)}.")
 
 
 def read_rgb(path: Path) -> np.ndarray:
