@@ -5,6 +5,9 @@ time a sample takes (read, resized, augmented), with HSV jitter off so that padd
 boxes and more grey.
 
     python scripts/augmentation_parity.py ../shared/data/tea_shoots/data.yaml --img 416 --samples 300
+
+With --hsv both loaders also apply their HSV gains (hyp.scratch-low's), for the time a whole sample takes; the value
+gain then changes the grey, so the padding share undercounts.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("data", type=Path, help="a YOLO data.yaml")
     parser.add_argument("--img", type=int, default=416)
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--hsv", action="store_true", help="apply the HSV gains too (time of a whole sample)")
     options = parser.parse_args()
     os.environ.setdefault("YOLOv5_VERBOSE", "false")
     import yolov5
@@ -52,14 +56,15 @@ def main() -> None:
 
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     hyp = yaml.safe_load((Path(yolov5.__file__).parent / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
-    hyp.update(hsv_h=0, hsv_s=0, hsv_v=0)
+    colour = {} if options.hsv else {"hsv_h": 0, "hsv_s": 0, "hsv_v": 0}
+    hyp.update(colour)
     module = YoloDataModule(str(options.data), img_size=options.img, batch_size=4, workers=0)
     records = module.split("train").records
     described = yaml.safe_load(options.data.read_text())
     root = options.data.parent / described.get("path", ".")
     train = [str(root / p) for p in np.atleast_1d(described["train"])]  # the folders or lists YOLOv5 reads
     reference = LoadImagesAndLabels(train, img_size=options.img, batch_size=4, augment=True, hyp=hyp)
-    ours = TrainDataset(records, options.img, Augmentation(hsv_h=0, hsv_s=0, hsv_v=0))
+    ours = TrainDataset(records, options.img, Augmentation(**colour))
     picks = [i % len(records) for i in range(options.samples)]
 
     def yolov5_sample(index: int):
@@ -72,7 +77,7 @@ def main() -> None:
 
     rows = [("YOLOv5 7.0.14 LoadImagesAndLabels", statistics(yolov5_sample, picks)),
             ("tea-lightning TrainDataset", statistics(our_sample, picks))]
-    print(f"{options.data} at {options.img}, {options.samples} training samples, HSV jitter off, "
+    print(f"{options.data} at {options.img}, {options.samples} training samples, HSV gains {'on' if options.hsv else 'off'}, "
           f"{torch.get_num_threads()} threads\n"
           "| loader | boxes per sample | median box area | padding share | ms per sample |\n|---|---|---|---|---|")
     for name, (boxes, area, padding, ms) in rows:
