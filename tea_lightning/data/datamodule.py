@@ -99,7 +99,7 @@ class YoloDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         dataset = TrainDataset(self.split("train").records, self.img_size, self.augmentation, rank)
         if self.trainer is not None:  # a fit resumed in its last epochs starts without the mosaic
-            dataset.set_epoch(self.trainer.current_epoch, self.trainer.max_epochs)
+            dataset.set_epoch(_epoch_to_train(self.trainer), self.trainer.max_epochs)
         return self._loader(dataset, self.batch_size, shuffle=True)
 
     def importance_dataloader(self, images: int) -> DataLoader:
@@ -136,6 +136,19 @@ class YoloDataModule(pl.LightningDataModule):
         """Return what the run config records about the data: yaml, classes and image counts."""
         return {"data_yaml": str(self.spec.yaml_path), "nc": self.nc, "names": self.names,
                 "img_size": self.img_size, "batch_size": self.batch_size}
+
+
+def _epoch_to_train(trainer: pl.Trainer) -> int:
+    """Return the epoch the fit's first training batches belong to.
+
+    Lightning builds the training loader (and its workers start drawing batches) before it brings `current_epoch` up
+    to date on a resume: from a checkpoint saved at an epoch's end it is still that epoch's number. The loop's
+    progress counters are already restored: an epoch that was started and whose last batch ran is over, although a
+    checkpoint saved right after that batch (every_n_train_steps) has not counted it as processed.
+    """
+    epochs = trainer.fit_loop.epoch_progress.current
+    last_batch_ran = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+    return epochs.processed + int(epochs.started > epochs.processed and last_batch_ran)
 
 
 def _source_images(source: Path) -> list[Path]:

@@ -39,10 +39,15 @@ class TrainDataset(Dataset):
         # switch lives in shared memory, so that set_epoch in the training process reaches them.
         self._mosaic_closed = torch.zeros((), dtype=torch.bool).share_memory_()
 
+    @property
+    def mosaic_closed(self) -> bool:
+        """Whether samples are drawn without the mosaic now (`set_epoch`)."""
+        return bool(self._mosaic_closed)
+
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Turn the mosaic off for the last `augmentation.close_mosaic` of `epochs`, here and in the loader workers
-        (call it before the epoch's batches are drawn)."""
-        closed = epoch >= epochs - self.augmentation.close_mosaic
+        (call it before the epoch's batches are drawn). `epochs` below 1 (no epoch limit) never turns it off."""
+        closed = epochs > 0 and epoch >= epochs - self.augmentation.close_mosaic
         if closed and not self._mosaic_closed:
             rank_zero_info(f"Epoch {epoch}: the mosaic is off for the last {epochs - epoch} epochs "
                            "(--data.augmentation.close_mosaic).")

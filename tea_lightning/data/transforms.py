@@ -150,10 +150,10 @@ class HSVGains(A.ImageOnlyTransform):
 
     def __init__(self, hue: float, saturation: float, value: float, p: float = 1.0):
         super().__init__(p=p)
-        self.limits = (hue, saturation, value)
+        self.hue, self.saturation, self.value = self.limits = (hue, saturation, value)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("limits",)
+        return ("hue", "saturation", "value")
 
     def get_params(self) -> dict:
         return {"gains": [1 + self.py_random.uniform(-limit, limit) for limit in self.limits]}
@@ -192,9 +192,11 @@ class TrainTransform:
 
     def reseed(self, seed: int) -> None:
         """Give the albumentations pipelines their own random generators."""
-        for pipeline in (self.mosaic, self.single, self.photometric):
-            pipeline.set_random_seed(seed)
-        self._rng = np.random.default_rng(seed)
+        # one stream each: with one seed, the affine's scale and the HSV gains would be the same draws
+        seeds = np.random.SeedSequence(seed).generate_state(4)
+        for pipeline, own in zip((self.mosaic, self.single, self.photometric), seeds):
+            pipeline.set_random_seed(int(own))
+        self._rng = np.random.default_rng(seeds[3])
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray,
                  others: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

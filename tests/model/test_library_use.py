@@ -88,3 +88,24 @@ def test_close_mosaic_turns_the_mosaic_off_for_the_last_epochs_of_a_fit(syntheti
     trainer.fit(Detector(nc=dm.nc, img_size=64, batch_size=4), datamodule=dm)
     closing = [r.getMessage() for r in caplog.records if "the mosaic is off" in r.getMessage()]
     assert closing == ["Epoch 2: the mosaic is off for the last 2 epochs (--data.augmentation.close_mosaic)."]
+
+
+def test_a_fit_resumed_into_its_closed_mosaic_epochs_starts_without_the_mosaic(synthetic_yaml, tmp_path):
+    # the loader and its workers' first batches come before Lightning updates current_epoch, which on a resume from
+    # an epoch-end checkpoint is still the finished epoch's
+    def fit(epochs: int, folder: str, ckpt_path=None) -> list[bool]:
+        seen = []
+        record = pl.callbacks.LambdaCallback(
+            on_train_start=lambda trainer, _: seen.append(trainer.train_dataloader.dataset.mosaic_closed))
+        dm = YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0,
+                            augmentation=Augmentation(close_mosaic=2))
+        last = pl.callbacks.ModelCheckpoint(tmp_path / folder, save_last=True)
+        trainer = pl.Trainer(max_epochs=epochs, limit_train_batches=1, limit_val_batches=0, logger=False,
+                             default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[record, last])
+        trainer.fit(Detector(nc=dm.nc, img_size=64, batch_size=4), datamodule=dm, ckpt_path=ckpt_path)
+        return seen
+
+    assert fit(4, "fresh") == [False]
+    fit(2, "first")  # epochs 0 and 1, last.ckpt saved at the end of each
+    assert fit(4, "resumed", ckpt_path=tmp_path / "first" / "last.ckpt") == [True]  # epoch 2 of 4: the last two
