@@ -38,10 +38,10 @@ def pruning_callback(cli) -> ChannelPruning:
     return callback
 
 
-def train_losses(run: Path) -> dict[int, float]:
+def losses(run: Path, split: str = "train") -> dict[int, float]:
     with open(run / "metrics.csv") as f:
-        return {int(r["epoch"]): float(r["train/box_loss"]) + float(r["train/obj_loss"]) + float(r["train/cls_loss"])
-                for r in csv.DictReader(f) if r.get("train/box_loss")}
+        return {int(r["epoch"]): sum(float(r[f"{split}/{part}_loss"]) for part in ("box", "obj", "cls"))
+                for r in csv.DictReader(f) if r.get(f"{split}/box_loss")}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,9 @@ def test_scheduled_step_prunes_as_configured_and_training_goes_on(pruned_run):
     cli, run, unpruned = pruned_run
     params = count_parameters(cli.model.model)
     assert 0.40 < 1 - params / unpruned < 0.65  # ratio 0.3 of channels -> about half the parameters
-    losses = train_losses(run)
-    assert (losses[6] + losses[7]) / 2 < losses[2]
+    # the loss on the fixed validation images: the training loss of 4 augmented batches an epoch wanders by +-10%
+    val = losses(run, "val")
+    assert val[7] < val[2]
     with open(run / "metrics.csv") as f:
         logged = [r for r in csv.DictReader(f) if r.get("model/params")]
     assert int(float(logged[-1]["model/params"])) == params and float(logged[-1]["model/GFLOPs"]) > 0
@@ -237,7 +238,7 @@ def test_shipped_pruning_configs_prune_as_they_say(synthetic_yaml, tmp_path, con
 def test_bf16_mixed_precision_on_cpu_prunes_and_trains(synthetic_yaml, tmp_path):
     cli = fit(synthetic_yaml, tmp_path, "--trainer.max_epochs", "2", "--trainer.precision", "bf16-mixed", *PRUNE,
               "--trainer.callbacks.schedule", "[1]")
-    assert all(torch.isfinite(torch.tensor(v)) for v in train_losses(tmp_path / "version_0").values())
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path / "version_0").values())
     assert pruning_callback(cli).steps_done == 1
 
 
