@@ -1,8 +1,8 @@
 """Benchmark (docs/benchmarks.md "The training mosaic with YOLOv5's geometry"): training samples of YOLOv5 7.0.14's
 own loader (`LoadImagesAndLabels(augment=True)` with hyp.scratch-low) beside tea-lightning's `TrainDataset` on the
 same images: boxes per sample, median box area, the share of padding pixels (PAD_VALUE on every channel) and the
-time a sample takes (read, resized, augmented), with HSV jitter off so that padding stays exactly grey. A mosaic that pads where YOLOv5 shows more images gives fewer
-boxes and more grey.
+time a sample takes (read, resized, augmented), with HSV jitter off so that padding stays exactly grey. A mosaic
+that pads where YOLOv5 shows more images gives fewer boxes and more grey.
 
     python scripts/augmentation_parity.py ../shared/data/tea_shoots/data.yaml --img 416 --samples 300
 
@@ -77,8 +77,8 @@ def main() -> None:
 
     rows = [("YOLOv5 7.0.14 LoadImagesAndLabels", statistics(yolov5_sample, picks)),
             ("tea-lightning TrainDataset", statistics(our_sample, picks))]
-    print(f"{options.data} at {options.img}, {options.samples} training samples, HSV gains {'on' if options.hsv else 'off'}, "
-          f"{torch.get_num_threads()} threads\n"
+    print(f"{options.data} at {options.img}, {options.samples} training samples, "
+          f"HSV gains {'on' if options.hsv else 'off'}, {torch.get_num_threads()} threads\n"
           "| loader | boxes per sample | median box area | padding share | ms per sample |\n|---|---|---|---|---|")
     for name, (boxes, area, padding, ms) in rows:
         print(f"| {name} | {boxes:.2f} | {area:.4f} | {padding:.1%} | {ms:.1f} |")

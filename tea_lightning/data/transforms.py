@@ -150,7 +150,11 @@ class HSVGains(A.ImageOnlyTransform):
 
     def __init__(self, hue: float, saturation: float, value: float, p: float = 1.0):
         super().__init__(p=p)
-        self.hue, self.saturation, self.value = self.limits = (hue, saturation, value)
+        self.hue, self.saturation, self.value = hue, saturation, value
+
+    @property
+    def limits(self) -> tuple[float, float, float]:
+        return self.hue, self.saturation, self.value
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("hue", "saturation", "value")
