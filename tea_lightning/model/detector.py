@@ -257,6 +257,11 @@ class Detector(pl.LightningModule):
         set_epoch = getattr(getattr(self.trainer.train_dataloader, "dataset", None), "set_epoch", None)
         if set_epoch is not None:
             set_epoch(self.current_epoch, self.trainer.max_epochs)
+        # YOLOv5 drops the gradients of an epoch's last batches that did not make up a whole accumulation, so every
+        # epoch starts from clean gradients. Lightning only clears them before a validation, and with
+        # --trainer.check_val_every_n_epoch above 1 (or no validation) they carried into the next epoch's first step.
+        self.optimizers().zero_grad()
+
 
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

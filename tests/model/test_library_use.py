@@ -109,3 +109,25 @@ def test_a_fit_resumed_into_its_closed_mosaic_epochs_starts_without_the_mosaic(s
     assert fit(4, "fresh") == [False]
     fit(2, "first")  # epochs 0 and 1, last.ckpt saved at the end of each
     assert fit(4, "resumed", ckpt_path=tmp_path / "first" / "last.ckpt") == [True]  # epoch 2 of 4: the last two
+
+
+def test_each_epoch_starts_from_clean_gradients_without_a_validation_between(synthetic_yaml, tmp_path):
+    # YOLOv5 zeroes the gradients at each epoch's start: those of an unfinished accumulation are dropped. Without a
+    # validation (which makes Lightning clear them) they carried into the next epoch's first optimizer step.
+    def gradients_at_batch_start(trainer, module, batch, batch_idx):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        seen.append((trainer.current_epoch, sum(float(g.abs().sum()) for g in grads)))
+
+    seen = []
+    dm = data(synthetic_yaml)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0, logger=False,
+                         default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[pl.callbacks.LambdaCallback(on_train_batch_start=gradients_at_batch_start)])
+    # no warmup: YOLOv5's accumulation to a nominal batch of 64 is 16 batches of 4 from the first, so neither
+    # epoch's 3 batches reach an optimizer step
+    recipe = {"warmup_epochs": 0, "warmup_min_iterations": 0}
+    trainer.fit(Detector(nc=dm.nc, img_size=64, batch_size=4, recipe=recipe), datamodule=dm)
+    assert [epoch for epoch, _ in seen] == [0, 0, 0, 1, 1, 1]
+    assert seen[0][1] == 0 and seen[1][1] > 0  # gradients accumulate within an epoch
+    assert seen[3][1] == 0  # and are gone when the next one starts
