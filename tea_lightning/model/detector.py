@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from tea_lightning.errors import ConfigError, NonFiniteLoss
 from tea_lightning.metrics import DetectionMetrics, plot_curves
 from tea_lightning.metrics.detection import CurveResult
+from tea_lightning.model.anchors import check_anchors_fit, forget_cached_grids
 from tea_lightning.model.complexity import count_parameters, gflops
 from tea_lightning.model.distillation import OutputDistillation
 from tea_lightning.model.postprocess import non_max_suppression, unletterbox_boxes
@@ -74,6 +75,9 @@ class Detector(pl.LightningModule):
         channels_last: keep the weights and images in the channels-last (NHWC) memory layout, which the fast
             convolution kernels of CPUs (oneDNN) and of GPU tensor cores under mixed precision work in; False keeps
             PyTorch's default NCHW (results equal to rounding).
+        autoanchor: at the start of a fit (not a resumed one) check the anchors against the training boxes and
+            evolve new ones when fewer than 98% of the boxes could match one, as YOLOv5's train.py does (its
+            --noautoanchor is autoanchor False).
     """
 
     def __init__(self, model_cfg: str = "yolov5n.yaml", nc: int = 80, names: list[str] | None = None,
@@ -81,7 +85,7 @@ class Detector(pl.LightningModule):
                  recipe: Recipe = Recipe(), ema: bool = True, conf_thres: float = 0.001,
                  iou_thres: float = 0.6, max_det: int = 300, predict_conf_thres: float = 0.25,
                  predict_iou_thres: float = 0.45, plots: bool = True, teacher: str | None = None,
-                 distill_weight: float = 1.0, channels_last: bool = True):
+                 distill_weight: float = 1.0, channels_last: bool = True, autoanchor: bool = True):
         super().__init__()
         if isinstance(recipe, dict):  # as checkpoints store it (and a library user may give it)
             try:
@@ -242,7 +246,35 @@ class Detector(pl.LightningModule):
                               "Detector(..., nc=data.nc, names=data.names, img_size=data.img_size, "
                               "batch_size=data.batch_size) (the CLI links them).")
 
+    def _fit_anchors(self) -> None:
+        """Run YOLOv5's AutoAnchor on the first process (one set of lines, one random search); the others take its
+        anchors. Called when the fit starts: only then does Lightning know whether it resumes (a resumed fit keeps
+        its checkpoint's anchors), and the EMA copy of the model, made earlier, starts again from the new ones."""
+        data = getattr(self.trainer, "datamodule", None)
+        if not hasattr(data, "split") or self.trainer.ckpt_path is not None:  # a plain loader has no box index
+            return
+        head = self.model.model[-1]
+        changed = False
+        if self.trainer.is_global_zero:
+            changed = check_anchors_fit(self.model, data.split("train").records, self.hparams.img_size,
+                                        self.recipe.anchor_t)
+        anchors = self.trainer.strategy.broadcast(head.anchors, src=0)
+        if not torch.equal(anchors, head.anchors):
+            head.anchors.copy_(anchors)
+            forget_cached_grids(head)
+        if not self.trainer.strategy.broadcast(changed, src=0):
+            return
+        if self.distillation is not None:
+            raise ConfigError(f"AutoAnchor evolved new anchors for this data set, and --model.teacher "
+                              f"{self.hparams.teacher} predicts with the old ones: distil from a model trained with "
+                              "anchors fitted to this data set, or keep these anchors with --model.autoanchor false.")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ExponentialMovingAverage):
+                callback.restart(self)
+
     def on_fit_start(self) -> None:
+        if self.hparams.autoanchor:
+            self._fit_anchors()
         if self.distillation is not None:  # not a submodule (see OutputDistillation): Lightning does not move it
             self.distillation.teacher.to(self.device)
         summary = self.model_summary()
@@ -261,7 +293,6 @@ class Detector(pl.LightningModule):
         # epoch starts from clean gradients. Lightning only clears them before a validation, and with
         # --trainer.check_val_every_n_epoch above 1 (or no validation) they carried into the next epoch's first step.
         self.optimizers().zero_grad()
-
 
     # ---- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

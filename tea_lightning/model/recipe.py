@@ -180,6 +180,10 @@ class ExponentialMovingAverage(WeightAveraging):
         updates). A checkpoint's load then restores the count it saved."""
         if self._average_model is None or _same_shapes(self._average_model.module, pl_module):
             return
+        self.restart(pl_module)
+
+    def restart(self, pl_module: pl.LightningModule) -> None:
+        """Start the average again from the module's current weights and buffers, its decay ramp from the start."""
         self._average_model = AveragedModel(pl_module, use_buffers=True, **self._kwargs)
 
     def on_fit_start(self, trainer, pl_module) -> None:
