@@ -253,6 +253,12 @@ class Detector(pl.LightningModule):
         data = getattr(self.trainer, "datamodule", None)
         if not hasattr(data, "split") or self.trainer.ckpt_path is not None:  # a plain loader has no box index
             return
+        if self.distillation is not None:
+            # new anchors would no longer match the teacher's, which its outputs are compared with anchor by anchor;
+            # re-evolving on every fine-tuning (anchors that cannot reach 98% are searched for again) would
+            # replace them by chance
+            rank_zero_info("AutoAnchor: skipped while distilling: the model keeps the anchors of --model.teacher")
+            return
         head = self.model.model[-1]
         changed = False
         if self.trainer.is_global_zero:
@@ -264,10 +270,6 @@ class Detector(pl.LightningModule):
             forget_cached_grids(head)
         if not self.trainer.strategy.broadcast(changed, src=0):
             return
-        if self.distillation is not None:
-            raise ConfigError(f"AutoAnchor evolved new anchors for this data set, and --model.teacher "
-                              f"{self.hparams.teacher} predicts with the old ones: distil from a model trained with "
-                              "anchors fitted to this data set, or keep these anchors with --model.autoanchor false.")
         for callback in self.trainer.callbacks:
             if isinstance(callback, ExponentialMovingAverage):
                 callback.restart(self)
