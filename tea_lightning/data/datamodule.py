@@ -94,6 +94,10 @@ class YoloDataModule(pl.LightningDataModule):
                           collate_fn=collate, worker_init_fn=_worker_init, persistent_workers=self.workers > 0,
                           pin_memory=pin_memory, drop_last=False)
 
+    def _evaluation_loader(self, records: list[ImageRecord], batch_size: int) -> DataLoader:
+        """Return a loader of unaugmented images in YOLOv5's rectangular batches of `batch_size`."""
+        return self._loader(EvalDataset(records, self.img_size, batch_size), batch_size, shuffle=False)
+
     def train_dataloader(self) -> DataLoader:
         """Return the augmented, shuffled training loader."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
@@ -110,19 +114,19 @@ class YoloDataModule(pl.LightningDataModule):
         """
         records = self.split("train").records
         chosen = records[::max(1, len(records) // images)][:images]
-        return DataLoader(EvalDataset(chosen, self.img_size), batch_size=self.batch_size, shuffle=False,
-                          num_workers=0, collate_fn=collate)
+        return DataLoader(EvalDataset(chosen, self.img_size, self.batch_size), batch_size=self.batch_size,
+                          shuffle=False, num_workers=0, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         """Return the validation loader (rectangular letterbox, no augmentation)."""
-        return self._loader(EvalDataset(self.split("val").records, self.img_size), self.batch_size * 2, False)
+        return self._evaluation_loader(self.split("val").records, self.batch_size * 2)
 
     def test_dataloader(self) -> DataLoader:
         """Return the test loader: the `test` split, or `val` when the yaml has none."""
         name = "test" if "test" in self.spec.splits else "val"
         if name == "val":
             rank_zero_info(f"{self.spec.yaml_path} has no test split: testing on the val split.")
-        return self._loader(EvalDataset(self.split(name).records, self.img_size), self.batch_size * 2, False)
+        return self._evaluation_loader(self.split(name).records, self.batch_size * 2)
 
     def predict_dataloader(self) -> DataLoader:
         """Return a loader over `predict_source` (an image or a folder), or over the validation split."""
@@ -130,7 +134,7 @@ class YoloDataModule(pl.LightningDataModule):
             records = self.split("val").records
         else:
             records = _unlabelled_records(self.predict_images, self.predict_source)
-        return self._loader(EvalDataset(records, self.img_size), self.batch_size, False)
+        return self._evaluation_loader(records, self.batch_size)
 
     def dataset_info(self) -> dict:
         """Return what the run config records about the data: yaml, classes and image counts."""

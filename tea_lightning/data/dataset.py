@@ -84,12 +84,20 @@ class TrainDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """Images letterboxed to YOLOv5's rectangular validation shape (longest side `img_size`), no augmentation."""
+    """Images letterboxed to YOLOv5's rectangular validation shapes (longest side `img_size`), no augmentation.
 
-    def __init__(self, records: list[ImageRecord], img_size: int, stride: int = 32, pad: float = 0.5):
-        # Sorting by aspect ratio keeps images of one batch the same shape, as YOLOv5's rect batches do.
+    As in YOLOv5's rect batches, the images are sorted by aspect ratio and every image of a batch (of `batch_size`,
+    the loader's, in this order) is centred in the same shape, that of the batch's most extreme aspect ratio.
+    """
+
+    def __init__(self, records: list[ImageRecord], img_size: int, batch_size: int = 1, stride: int = 32,
+                 pad: float = 0.5):
         self.records = sorted(records, key=lambda r: r.height / r.width)
-        self.img_size, self.stride, self.pad = img_size, stride, pad
+        self.img_size = img_size
+        aspects = [r.height / r.width for r in self.records]
+        self.batch_size = batch_size
+        self.batch_shapes = [rect_shape(aspects[start:start + batch_size], img_size, stride, pad)
+                             for start in range(0, len(aspects), batch_size)]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -98,8 +106,7 @@ class EvalDataset(Dataset):
         record = self.records[index]
         image = resize_longest(read_rgb(record.image), self.img_size, augment=False)
         load_ratio = image.shape[0] / record.height
-        shape = rect_shape(record.height, record.width, self.img_size, self.stride, self.pad)
-        image, ratio, (dw, dh) = letterbox(image, shape)
+        image, ratio, (dw, dh) = letterbox(image, self.batch_shapes[index // self.batch_size])
         h, w = image.shape[:2]
         labels = torch.from_numpy(record.boxes.copy())
         if len(labels):  # boxes normalised to the original image -> to the padded letterbox

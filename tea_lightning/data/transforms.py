@@ -75,10 +75,12 @@ def resize_longest(image: np.ndarray, size: int, augment: bool) -> np.ndarray:
     return cv2.resize(image, (max(1, math.ceil(w * r)), max(1, math.ceil(h * r))), interpolation=interpolation)
 
 
-def rect_shape(height: int, width: int, img_size: int, stride: int = 32, pad: float = 0.5) -> tuple[int, int]:
-    """Return the (height, width) YOLOv5's rectangular validation gives an image of this aspect ratio."""
-    aspect = height / width
-    relative = (aspect, 1.0) if aspect < 1 else (1.0, 1 / aspect)
+def rect_shape(aspects: list[float], img_size: int, stride: int = 32, pad: float = 0.5) -> tuple[int, int]:
+    """Return the (height, width) YOLOv5's rectangular validation letterboxes a batch of images with these aspect
+    ratios (height / width) into: that of its most extreme one, or a square when the batch holds both tall and wide
+    images, the longest side `img_size`, each side rounded up to the stride with `pad` strides to spare."""
+    low, high = min(aspects), max(aspects)
+    relative = (high, 1.0) if high < 1 else (1.0, 1 / low) if low > 1 else (1.0, 1.0)
     return tuple(int(math.ceil(r * img_size / stride + pad) * stride) for r in relative)
 
 

@@ -41,7 +41,7 @@ def yolo_to_xyxy(label, w, h):
 @pytest.mark.parametrize("hw, expected", [((512, 512), (672, 672)), ((480, 640), (512, 672)),
                                           ((640, 480), (672, 512))])
 def test_rect_shape_matches_yolov5_rect_batches(hw, expected):
-    assert rect_shape(*hw, img_size=640) == expected
+    assert rect_shape([hw[0] / hw[1]], img_size=640) == expected
 
 
 def test_letterbox_pads_around_the_centre_and_never_upscales():
@@ -55,12 +55,31 @@ def test_letterbox_pads_around_the_centre_and_never_upscales():
 def test_eval_sample_boxes_map_back_to_the_original_image(tmp_path):
     record = square_image(tmp_path, "a", (300, 500), (100, 50, 180, 120))
     sample = EvalDataset([record], img_size=640)[0]
-    assert tuple(sample.image.shape[1:]) == rect_shape(300, 500, 640)
+    assert tuple(sample.image.shape[1:]) == rect_shape([300 / 500], 640)
     h, w = sample.image.shape[1:]
     letterboxed = torch.tensor(yolo_to_xyxy(sample.labels[0], w, h))[None]
     np.testing.assert_allclose(letterboxed[0], red_pixels_box(sample.image), atol=1.5)
     back = unletterbox_boxes(letterboxed, sample.ratio, torch.tensor(sample.pad), torch.tensor([300, 500]))
     np.testing.assert_allclose(back[0], [100, 50, 180, 120], atol=1e-3)
+
+
+def test_eval_batches_centre_every_image_in_the_shape_of_their_most_extreme_aspect_ratio(tmp_path):
+    # YOLOv5's rect batches; padding each image to its own shape and the batch at the bottom right moved the wide
+    # image off the centre of the batch shape, so the model saw it at another place than in YOLOv5's val.py
+    wide = square_image(tmp_path, "wide", (100, 300), (30, 20, 90, 60))
+    squarish = square_image(tmp_path, "squarish", (200, 240), (30, 20, 90, 60))
+    tall = square_image(tmp_path, "tall", (300, 100), (30, 20, 90, 60))
+    dataset = EvalDataset([tall, squarish, wide], 128, batch_size=2)  # batches: [wide, squarish], [tall]
+    first, second, third = (dataset[i] for i in range(3))
+    assert tuple(first.image.shape[1:]) == tuple(second.image.shape[1:]) == rect_shape([200 / 240], 128) == (128, 160)
+    assert tuple(third.image.shape[1:]) == rect_shape([3.0], 128) == (160, 64)
+    assert first.pad == (16.0, 42.5)  # the wide image (128 x 43 after resizing) in the middle of the batch shape
+    for sample, original in ((first, (100, 300)), (second, (200, 240))):
+        h, w = sample.image.shape[1:]
+        letterboxed = torch.tensor(yolo_to_xyxy(sample.labels[0], w, h))[None]
+        np.testing.assert_allclose(letterboxed[0], red_pixels_box(sample.image), atol=1.5)
+        back = unletterbox_boxes(letterboxed, sample.ratio, torch.tensor(sample.pad), torch.tensor(original))
+        np.testing.assert_allclose(back[0], [30, 20, 90, 60], atol=1e-3)
 
 
 def test_eval_dataset_orders_images_by_aspect_ratio(tmp_path):
