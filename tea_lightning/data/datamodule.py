@@ -134,7 +134,9 @@ class YoloDataModule(pl.LightningDataModule):
             records = self.split("val").records
         else:
             records = _unlabelled_records(self.predict_images, self.predict_source)
-        return self._evaluation_loader(records, self.batch_size)
+        # each image letterboxed to its own shape, as YOLOv5's detect.py does: its boxes do not depend on which
+        # images share its batch
+        return self._loader(EvalDataset(records, self.img_size), self.batch_size, shuffle=False)
 
     def dataset_info(self) -> dict:
         """Return what the run config records about the data: yaml, classes and image counts."""

@@ -1,6 +1,7 @@
 """YOLOv5's AutoAnchor at the start of a fit: the model's anchors are checked against the training boxes and, when
 fewer than 98% of the boxes could be matched by one, replaced by anchors evolved for the data set (k-means, then a
-genetic search). The work is the yolov5 package's `check_anchors`; this module feeds it our image records."""
+genetic search). The work is the yolov5 package's `check_anchors`; this module feeds it our image records and
+shares its result between DDP processes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import random
 from types import SimpleNamespace
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from tea_lightning.data.labels import ImageRecord
@@ -31,12 +34,33 @@ def check_anchors_fit(model: nn.Module, records: list[ImageRecord], img_size: in
     # a seeded fit's other random streams are the same whether the check ran or not
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        check_anchors(dataset, model, thr=anchor_t, imgsz=img_size)
+        # unwrapped: yolov5's TryExcept decorator would swallow a Ctrl+C along with real errors
+        check_anchors.__wrapped__(dataset, model, thr=anchor_t, imgsz=img_size)
+    except Exception as err:  # a failed search is not worth stopping the fit: the anchors stay as they were
+        rank_zero_warn(f"AutoAnchor failed ({err!r}); the fit goes on with the model's anchors.")
+        head.anchors.copy_(before)
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
-    changed = not torch.equal(before, head.anchors)
-    if changed:
+    if torch.equal(before, head.anchors):
+        return False
+    # the precision they are saved in (half precision, as YOLOv5's train.py rounds them right after the search), so
+    # that an exported model decodes boxes with the anchors it was trained with
+    head.anchors.copy_(head.anchors.half().float())
+    forget_cached_grids(head)
+    return True
+
+
+def fit_anchors(trainer: pl.Trainer, model: nn.Module, records: list[ImageRecord], img_size: int,
+                anchor_t: float) -> bool:
+    """Run `check_anchors_fit` on the first process (one set of lines, one random search) and give every process its
+    anchors; return whether they changed. Every process must call it (it is a collective under DDP)."""
+    head = model.model[-1]
+    changed = trainer.is_global_zero and check_anchors_fit(model, records, img_size, anchor_t)
+    # on the CPU: an object broadcast unpickles a CUDA tensor onto the sender's GPU on every process
+    anchors, changed = trainer.strategy.broadcast((head.anchors.cpu(), changed), src=0)
+    if changed and not trainer.is_global_zero:
+        head.anchors.copy_(anchors.to(head.anchors.device))
         forget_cached_grids(head)
     return changed
 

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from tea_lightning.errors import ConfigError, NonFiniteLoss
 from tea_lightning.metrics import DetectionMetrics, plot_curves
 from tea_lightning.metrics.detection import CurveResult
-from tea_lightning.model.anchors import check_anchors_fit, forget_cached_grids
+from tea_lightning.model.anchors import fit_anchors
 from tea_lightning.model.complexity import count_parameters, gflops
 from tea_lightning.model.distillation import OutputDistillation
 from tea_lightning.model.postprocess import non_max_suppression, unletterbox_boxes
@@ -102,8 +102,10 @@ class Detector(pl.LightningModule):
         if len(self.names) != nc:
             raise ConfigError(f"--model.names has {len(self.names)} entries but --model.nc is {nc}.")
         self.model = build_model(model_cfg, nc)
+        self.weights_trained_here = False  # weights from a tea-lightning checkpoint (AutoAnchor keeps their anchors)
         if weights:
             state, ours = read_weights(weights)
+            self.weights_trained_here = ours
             if ours:  # our own checkpoint, pruned or not: take its architecture (the head: this data set's classes)
                 resize_to_state_dict(self.model, with_classes_of(self.model, state),
                                      source=f"--model.weights {weights}")
@@ -166,11 +168,19 @@ class Detector(pl.LightningModule):
             raise ConfigError(f"--model.distill_weight must be > 0 with --model.teacher, got {weight}.")
         teacher = read_model(path, "--model.teacher")
         ours, theirs = self.model.model[-1], teacher.model[-1]
-        if (theirs.nc, theirs.nl, theirs.na) != (ours.nc, ours.nl, ours.na) or \
-                not torch.equal(theirs.anchors.cpu(), ours.anchors.cpu()):
+        if (theirs.nc, theirs.nl, theirs.na) != (ours.nc, ours.nl, ours.na):
             raise ConfigError(f"--model.teacher {path} has a head for {theirs.nc} classes, {theirs.nl} layers of "
                               f"{theirs.na} anchors; this model's has {ours.nc} classes, {ours.nl} layers of {ours.na}"
-                              " anchors (or other anchors): distil from a model trained on the same data set.")
+                              " anchors: distil from a model trained on the same data set.")
+        if not torch.equal(theirs.anchors.cpu(), ours.anchors.cpu()):  # e.g. the teacher's fit ran AutoAnchor
+            if self.weights_trained_here:
+                raise ConfigError(f"--model.teacher {path} predicts with other anchors than those the head of "
+                                  f"--model.weights {self.hparams.weights} was trained with: distil from the model "
+                                  "these weights come from, or one trained beside them.")
+            # the outputs are compared anchor by anchor; a head not trained on this data set can take them
+            ours.anchors.copy_(theirs.anchors.to(ours.anchors.device))
+            rank_zero_info(f"The model takes the anchors of --model.teacher {path}, which distillation compares "
+                           "its outputs with")
         rank_zero_info(f"Distilling from {path} ({count_parameters(teacher):,} parameters), weight {weight}")
         return OutputDistillation(teacher, weight)
 
@@ -247,32 +257,25 @@ class Detector(pl.LightningModule):
                               "batch_size=data.batch_size) (the CLI links them).")
 
     def _fit_anchors(self) -> None:
-        """Run YOLOv5's AutoAnchor on the first process (one set of lines, one random search); the others take its
-        anchors. Called when the fit starts: only then does Lightning know whether it resumes (a resumed fit keeps
-        its checkpoint's anchors), and the EMA copy of the model, made earlier, starts again from the new ones."""
+        """YOLOv5's AutoAnchor for a new fit. Called when the fit starts: only then does Lightning know whether it
+        resumes, and the EMA copy of the model, made earlier, starts again from new anchors."""
         data = getattr(self.trainer, "datamodule", None)
-        if not hasattr(data, "split") or self.trainer.ckpt_path is not None:  # a plain loader has no box index
+        if not hasattr(data, "split"):  # loaders given without our data module: no index of the training boxes
             return
-        if self.distillation is not None:
-            # new anchors would no longer match the teacher's, which its outputs are compared with anchor by anchor;
-            # re-evolving on every fine-tuning (anchors that cannot reach 98% are searched for again) would
-            # replace them by chance
-            rank_zero_info("AutoAnchor: skipped while distilling: the model keeps the anchors of --model.teacher")
+        keep = ("the checkpoint's anchors (resumed fit)" if self.trainer.ckpt_path is not None else
+                # distillation compares outputs anchor by anchor
+                "the anchors of --model.teacher" if self.distillation is not None else
+                # a new search would replace, by chance, anchors the head was trained with whenever they stay
+                # under 98% recall
+                "the anchors its head was trained with (--model.weights)" if self.weights_trained_here else None)
+        if keep:
+            rank_zero_info(f"AutoAnchor: skipped: the model keeps {keep}")
             return
-        head = self.model.model[-1]
-        changed = False
-        if self.trainer.is_global_zero:
-            changed = check_anchors_fit(self.model, data.split("train").records, self.hparams.img_size,
-                                        self.recipe.anchor_t)
-        anchors = self.trainer.strategy.broadcast(head.anchors, src=0)
-        if not torch.equal(anchors, head.anchors):
-            head.anchors.copy_(anchors)
-            forget_cached_grids(head)
-        if not self.trainer.strategy.broadcast(changed, src=0):
-            return
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, ExponentialMovingAverage):
-                callback.restart(self)
+        records = data.split("train").records  # on every process: a bad split stops them all, not rank 0 alone
+        if fit_anchors(self.trainer, self.model, records, self.hparams.img_size, self.recipe.anchor_t):
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, ExponentialMovingAverage):
+                    callback.restart(self)
 
     def on_fit_start(self) -> None:
         if self.hparams.autoanchor:

@@ -44,6 +44,14 @@ def test_rect_shape_matches_yolov5_rect_batches(hw, expected):
     assert rect_shape([hw[0] / hw[1]], img_size=640) == expected
 
 
+@pytest.mark.parametrize("aspects, expected", [([0.5, 0.75], (512, 672)), ([1.25, 3.0], (672, 544)),
+                                               ([0.5, 2.0], (672, 672))])
+def test_a_rect_batch_takes_the_shape_of_its_most_extreme_aspect_ratio(aspects, expected):
+    # YOLOv5's LoadImagesAndLabels(rect=True): a batch of only wide (or only tall) images gets the shape of its
+    # squarest one's side ratio limit, a batch of both a square
+    assert rect_shape(aspects, img_size=640) == expected
+
+
 def test_letterbox_pads_around_the_centre_and_never_upscales():
     image = np.zeros((100, 201, 3), np.uint8)
     out, ratio, (dw, dh) = letterbox(image, (160, 224))

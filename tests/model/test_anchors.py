@@ -1,16 +1,20 @@
 """YOLOv5's AutoAnchor: the anchors are checked against the training boxes at the start of a fit and evolved for the
 data set when they fit poorly."""
 
+import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import pytorch_lightning as pl
 import torch
 
 from tea_lightning import Detector, YoloDataModule
 from tea_lightning.data.labels import ImageRecord
-from tea_lightning.model import detector as detector_module
-from tea_lightning.model.anchors import check_anchors_fit
+from tea_lightning.model import anchors as anchors_module
+from tea_lightning.errors import ConfigError
+from tea_lightning.model.anchors import check_anchors_fit, fit_anchors
 from tea_lightning.model.recipe import ExponentialMovingAverage
 from tea_lightning.model.weights import build_model
 
@@ -61,11 +65,61 @@ def test_anchors_that_fit_are_kept():
 
 def test_the_check_leaves_the_global_random_streams_where_they_were():
     # YOLOv5's search draws from numpy's and Python's global generators; a seeded fit's other draws must not move
-    np.random.seed(0)
-    expected = np.random.random()
-    np.random.seed(0)
-    check_anchors_fit(build_model("yolov5n.yaml", nc=1), records(THIN_BOXES), 416, 4.0)
-    assert np.random.random() == expected
+    np.random.seed(0), random.seed(0)
+    expected = np.random.random(), random.random()
+    np.random.seed(0), random.seed(0)
+    assert check_anchors_fit(build_model("yolov5n.yaml", nc=1), records(THIN_BOXES), 416, 4.0)
+    assert (np.random.random(), random.random()) == expected
+
+
+def test_a_failed_search_keeps_the_anchors_and_a_ctrl_c_still_stops(monkeypatch):
+    # yolov5's check_anchors is wrapped in a decorator that swallows every exception, KeyboardInterrupt included
+    from yolov5.utils import autoanchor
+
+    model = build_model("yolov5n.yaml", nc=1)
+    anchors = model.model[-1].anchors.clone()
+
+    def failing(error):
+        def search(dataset, model, thr, imgsz):
+            model.model[-1].anchors.mul_(2)  # half done
+            raise error
+        return autoanchor.TryExcept("AutoAnchor: ERROR")(search)
+
+    monkeypatch.setattr(autoanchor, "check_anchors", failing(ValueError("no kmeans")))
+    with pytest.warns(UserWarning, match=r"AutoAnchor failed \(ValueError\('no kmeans'\)\); the fit goes on"):
+        assert not check_anchors_fit(model, records(THIN_BOXES), 416, 4.0)
+    assert torch.equal(model.model[-1].anchors, anchors)
+    monkeypatch.setattr(autoanchor, "check_anchors", failing(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        check_anchors_fit(model, records(THIN_BOXES), 416, 4.0)
+
+
+def test_evolved_anchors_are_rounded_to_the_half_precision_they_are_exported_in():
+    model = build_model("yolov5n.yaml", nc=1)
+    assert check_anchors_fit(model, records(THIN_BOXES), 416, 4.0)
+    anchors = model.model[-1].anchors
+    assert torch.equal(anchors, anchors.half().float())
+
+
+def test_the_other_processes_take_the_first_ones_anchors():
+    # under DDP only rank 0 searches; what it sends goes through the CPU (a pickled CUDA tensor lands on rank 0's GPU)
+    sent = []
+    evolved = torch.rand(3, 3, 2) + 1
+
+    def broadcast(obj, src):
+        sent.append(obj)
+        return evolved, True
+
+    model = build_model("yolov5n.yaml", nc=1)
+    x = torch.rand(1, 3, 64, 64)
+    model.eval()(x)  # cached grids
+    rank1 = SimpleNamespace(is_global_zero=False, strategy=SimpleNamespace(broadcast=broadcast))
+    assert fit_anchors(rank1, model, records(THIN_BOXES), 416, 4.0)
+    assert sent[0][0].device.type == "cpu" and sent[0][1] is False  # rank 1 searched nothing
+    assert torch.equal(model.model[-1].anchors, evolved)
+    fresh = build_model("yolov5n.yaml", nc=1)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x)[0], fresh.eval()(x)[0])
 
 
 def small_fit(root, dm, model, epochs=1, ckpt_path=None, callbacks=()) -> pl.Trainer:
@@ -79,7 +133,7 @@ def small_fit(root, dm, model, epochs=1, ckpt_path=None, callbacks=()) -> pl.Tra
 def test_a_fit_checks_the_anchors_once_and_a_resume_keeps_them(synthetic_yaml, tmp_path, monkeypatch):
     # at 64 px the synthetic shapes are a few pixels across, smaller than YOLOv5's smallest anchor (BPR 0.92)
     calls = []
-    monkeypatch.setattr(detector_module, "check_anchors_fit",
+    monkeypatch.setattr(anchors_module, "check_anchors_fit",
                         lambda *args: calls.append(args) or check_anchors_fit(*args))
     dm = YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0)
     yaml_anchors = build_model("yolov5n.yaml", dm.nc).model[-1].anchors
@@ -108,3 +162,31 @@ def test_a_student_keeps_its_teachers_anchors(synthetic_yaml, tmp_path):
     student = Detector(nc=dm.nc, img_size=64, batch_size=4, weights=teacher, teacher=teacher)
     small_fit(tmp_path / "student", dm, student)
     assert torch.equal(student.model.model[-1].anchors, student.distillation.teacher.model[-1].anchors)
+
+
+def test_a_fit_from_weights_trained_here_keeps_their_anchors(synthetic_yaml, tmp_path):
+    # a new search would replace, by chance, anchors the head was trained with (here: poor ones, kept on purpose)
+    dm = YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0)
+    trained = Detector(nc=dm.nc, img_size=64, batch_size=4, autoanchor=False)
+    small_fit(tmp_path, dm, trained)
+    finetuned = Detector(nc=dm.nc, img_size=64, batch_size=4, weights=str(tmp_path / "last.ckpt"))
+    small_fit(tmp_path / "finetuned", dm, finetuned)
+    assert torch.equal(finetuned.model.model[-1].anchors, trained.model.model[-1].anchors)
+
+
+def test_a_model_without_trained_weights_takes_its_teachers_anchors(synthetic_yaml, tmp_path):
+    dm = YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0)
+    teacher = Detector(nc=dm.nc, img_size=64, batch_size=4)
+    small_fit(tmp_path, dm, teacher)  # AutoAnchor evolved its anchors
+    student = Detector(nc=dm.nc, img_size=64, batch_size=4, teacher=str(tmp_path / "last.ckpt"))
+    assert torch.equal(student.model.model[-1].anchors, teacher.model.model[-1].anchors)
+
+
+def test_a_teacher_with_other_anchors_than_the_trained_weights_is_refused(synthetic_yaml, tmp_path):
+    dm = YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0)
+    small_fit(tmp_path / "evolved", dm, Detector(nc=dm.nc, img_size=64, batch_size=4))
+    small_fit(tmp_path / "kept", dm, Detector(nc=dm.nc, img_size=64, batch_size=4, autoanchor=False))
+    with pytest.raises(ConfigError, match="--model.teacher .*evolved/last.ckpt predicts with other anchors than those "
+                                          "the head of --model.weights .*kept/last.ckpt was trained with"):
+        Detector(nc=dm.nc, img_size=64, batch_size=4, weights=str(tmp_path / "kept" / "last.ckpt"),
+                 teacher=str(tmp_path / "evolved" / "last.ckpt"))
