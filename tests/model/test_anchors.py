@@ -12,8 +12,8 @@ import torch
 
 from tea_lightning import Detector, YoloDataModule
 from tea_lightning.data.labels import ImageRecord
-from tea_lightning.model import anchors as anchors_module
 from tea_lightning.errors import ConfigError
+from tea_lightning.model import anchors as anchors_module
 from tea_lightning.model.anchors import check_anchors_fit, fit_anchors
 from tea_lightning.model.recipe import ExponentialMovingAverage
 from tea_lightning.model.weights import build_model
