@@ -19,8 +19,9 @@ class WholeBatchSampler(DistributedSampler):
     once, in the very batch it would have on one process; ranks may get one batch more or less. Consecutive runs
     keep the single-process order when the metric joins the processes' results in rank order, which matters where
     detections tie in score (common in half precision): AP ranks tied detections in the order they arrived. With
-    fewer batches than processes the images are split as evenly as possible instead, so that no rank is left
-    without data (its metric would otherwise wait forever for the others).
+    fewer batches than processes the longest batches are halved until every rank has a part of one, so that no
+    rank is left without data (its metric would otherwise wait forever for the others) and no rank's batch mixes
+    images of two single-process batches (each has its own rectangular shape; mixed, they would be padded apart).
     """
 
     def __init__(self, dataset, batch_size: int, num_replicas: int, rank: int):
@@ -34,7 +35,12 @@ class WholeBatchSampler(DistributedSampler):
             first, last = np.array_split(np.arange(len(starts)), num_replicas)[rank][[0, -1]]
             self.indices = list(range(starts[first], min(starts[last] + batch_size, size)))
         else:
-            self.indices = [int(i) for i in np.array_split(np.arange(size), num_replicas)[rank]]
+            parts = [range(start, min(start + batch_size, size)) for start in starts]
+            while len(parts) < num_replicas:  # size >= num_replicas, so the longest part has two images or more
+                longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+                half = (len(parts[longest]) + 1) // 2
+                parts[longest:longest + 1] = [parts[longest][:half], parts[longest][half:]]
+            self.indices = list(parts[rank])
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
