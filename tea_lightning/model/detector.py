@@ -102,10 +102,12 @@ class Detector(pl.LightningModule):
         if len(self.names) != nc:
             raise ConfigError(f"--model.names has {len(self.names)} entries but --model.nc is {nc}.")
         self.model = build_model(model_cfg, nc)
-        self.weights_trained_here = False  # weights from a tea-lightning checkpoint (AutoAnchor keeps their anchors)
+        # where the head's anchors were trained (a tea-lightning checkpoint): AutoAnchor and a teacher keep to them
+        self.anchors_trained_in: str | None = None
         if weights:
             state, ours = read_weights(weights)
-            self.weights_trained_here = ours
+            if ours:
+                self.anchors_trained_in = f"--model.weights {weights}"
             if ours:  # our own checkpoint, pruned or not: take its architecture (the head: this data set's classes)
                 resize_to_state_dict(self.model, with_classes_of(self.model, state),
                                      source=f"--model.weights {weights}")
@@ -137,8 +139,16 @@ class Detector(pl.LightningModule):
         from its saved arguments, which would read `weights` and `teacher` again (and fail once they have moved),
         although every tensor is in the checkpoint. Pass `teacher=...` to fit the loaded model with distillation."""
         kwargs.setdefault("weights", None)
-        kwargs.setdefault("teacher", None)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        teacher = kwargs.pop("teacher", None)
+        model = super().load_from_checkpoint(checkpoint_path, *args, teacher=None, **kwargs)
+        # The head was trained with the checkpoint's anchors: a later fit keeps them, and a teacher must have them
+        # too. It is attached only now, so that it is checked against the loaded head, not a fresh one.
+        model.anchors_trained_in = f"the checkpoint {checkpoint_path}"
+        if teacher:
+            model.hparams.teacher = teacher
+            model.distillation = model._teacher(teacher, model.hparams.distill_weight)
+            model.apply_memory_format()
+        return model
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> Detector:
@@ -173,10 +183,10 @@ class Detector(pl.LightningModule):
                               f"{theirs.na} anchors; this model's has {ours.nc} classes, {ours.nl} layers of {ours.na}"
                               " anchors: distil from a model trained on the same data set.")
         if not torch.equal(theirs.anchors.cpu(), ours.anchors.cpu()):  # e.g. the teacher's fit ran AutoAnchor
-            if self.weights_trained_here:
+            if self.anchors_trained_in:
                 raise ConfigError(f"--model.teacher {path} predicts with other anchors than those the head of "
-                                  f"--model.weights {self.hparams.weights} was trained with: distil from the model "
-                                  "these weights come from, or one trained beside them.")
+                                  f"{self.anchors_trained_in} was trained with: distil from the model these weights "
+                                  "come from, or one trained beside them.")
             # the outputs are compared anchor by anchor; a head not trained on this data set can take them
             ours.anchors.copy_(theirs.anchors.to(ours.anchors.device))
             rank_zero_info(f"The model takes the anchors of --model.teacher {path}, which distillation compares "
@@ -267,7 +277,8 @@ class Detector(pl.LightningModule):
                 "the anchors of --model.teacher" if self.distillation is not None else
                 # a new search would replace, by chance, anchors the head was trained with whenever they stay
                 # under 98% recall
-                "the anchors its head was trained with (--model.weights)" if self.weights_trained_here else None)
+                f"the anchors its head was trained with ({self.anchors_trained_in})" if self.anchors_trained_in
+                else None)
         if keep:
             rank_zero_info(f"AutoAnchor: skipped: the model keeps {keep}")
             return

@@ -164,12 +164,16 @@ def test_a_student_keeps_its_teachers_anchors(synthetic_yaml, tmp_path):
     assert torch.equal(student.model.model[-1].anchors, student.distillation.teacher.model[-1].anchors)
 
 
-def test_a_fit_from_weights_trained_here_keeps_their_anchors(synthetic_yaml, tmp_path):
+@pytest.mark.parametrize("load", [
+    lambda ckpt, nc: Detector(nc=nc, img_size=64, batch_size=4, weights=ckpt),  # --model.weights
+    lambda ckpt, nc: Detector.load_from_checkpoint(ckpt, autoanchor=True),  # from Python
+], ids=["weights", "load_from_checkpoint"])
+def test_a_fit_from_weights_trained_here_keeps_their_anchors(synthetic_yaml, tmp_path, load):
     # a new search would replace, by chance, anchors the head was trained with (here: poor ones, kept on purpose)
     dm = YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0)
     trained = Detector(nc=dm.nc, img_size=64, batch_size=4, autoanchor=False)
     small_fit(tmp_path, dm, trained)
-    finetuned = Detector(nc=dm.nc, img_size=64, batch_size=4, weights=str(tmp_path / "last.ckpt"))
+    finetuned = load(str(tmp_path / "last.ckpt"), dm.nc)
     small_fit(tmp_path / "finetuned", dm, finetuned)
     assert torch.equal(finetuned.model.model[-1].anchors, trained.model.model[-1].anchors)
 
@@ -190,3 +194,16 @@ def test_a_teacher_with_other_anchors_than_the_trained_weights_is_refused(synthe
                                           "the head of --model.weights .*kept/last.ckpt was trained with"):
         Detector(nc=dm.nc, img_size=64, batch_size=4, weights=str(tmp_path / "kept" / "last.ckpt"),
                  teacher=str(tmp_path / "evolved" / "last.ckpt"))
+
+
+def test_a_loaded_checkpoint_takes_only_a_teacher_with_its_anchors(synthetic_yaml, tmp_path):
+    # the teacher is checked against the loaded head, not against the fresh one Lightning builds before loading
+    dm = YoloDataModule(str(synthetic_yaml), img_size=64, batch_size=4, workers=0)
+    small_fit(tmp_path / "evolved", dm, Detector(nc=dm.nc, img_size=64, batch_size=4))
+    small_fit(tmp_path / "kept", dm, Detector(nc=dm.nc, img_size=64, batch_size=4, autoanchor=False))
+    kept, evolved = str(tmp_path / "kept" / "last.ckpt"), str(tmp_path / "evolved" / "last.ckpt")
+    with pytest.raises(ConfigError, match="--model.teacher .*evolved/last.ckpt predicts with other anchors than those "
+                                          "the head of the checkpoint .*kept/last.ckpt was trained with"):
+        Detector.load_from_checkpoint(kept, teacher=evolved)
+    student = Detector.load_from_checkpoint(evolved, teacher=evolved)
+    assert student.hparams.teacher == evolved and student.distillation is not None
