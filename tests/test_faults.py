@@ -268,8 +268,10 @@ def test_bad_pruning_options(synthetic_yaml, tmp_path, options, expected):
     (["--data.batch_size", "0"], "--data.batch_size must be at least 1 (got 0)"),
     (["--data.workers", "-1"], "--data.workers at least 0 (got -1)"),
     (["--trainer.max_epochs", "-3"], "max_epochs"),  # Lightning's own check, as one error line
-    (["--data.augmentation.mosaic", "1.5", "--data.augmentation.close_mosaic", "-1"],
-     "--data.augmentation: mosaic 1.5 (a probability: 0 to 1), close_mosaic -1 (at least 0)"),
+    (["--data.augmentation.mosaic", "1.5", "--data.augmentation.hsv_s", "1.5",
+      "--data.augmentation.close_mosaic", "-1"],
+     "--data.augmentation: mosaic 1.5 (a probability: 0 to 1), hsv_s 1.5 (gains of 1 +/- up to it: 0 to 1), "
+     "close_mosaic -1 (at least 0)"),
 ])
 def test_bad_numbers_for_batch_workers_and_epochs(synthetic_yaml, tmp_path, args, expected):
     fails(fit_args(synthetic_yaml, tmp_path) + args, expected)

@@ -50,8 +50,11 @@ class Augmentation:
     def __post_init__(self) -> None:
         bad = [f"{name} {getattr(self, name)} (a probability: 0 to 1)" for name in ("mosaic", "fliplr", "flipud")
                if not 0 <= getattr(self, name) <= 1]
+        # above 1 a gain could fall below 0: a hue turned backwards, colours or brightness clipped to nothing
+        bad += [f"{name} {getattr(self, name)} (gains of 1 +/- up to it: 0 to 1)"
+                for name in ("hsv_h", "hsv_s", "hsv_v") if not 0 <= getattr(self, name) <= 1]
         bad += [f"{name} {getattr(self, name)} (at least 0)" for name in ("scale", "translate", "degrees", "shear",
-                                                                          "hsv_h", "hsv_s", "hsv_v", "close_mosaic")
+                                                                          "close_mosaic")
                 if getattr(self, name) < 0]
         if bad:
             raise ConfigError(f"--data.augmentation: {', '.join(bad)}.")
