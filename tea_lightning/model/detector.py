@@ -106,9 +106,8 @@ class Detector(pl.LightningModule):
         self.anchors_trained_in: str | None = None
         if weights:
             state, ours = read_weights(weights)
-            if ours:
-                self.anchors_trained_in = f"--model.weights {weights}"
             if ours:  # our own checkpoint, pruned or not: take its architecture (the head: this data set's classes)
+                self.anchors_trained_in = f"--model.weights {weights}"
                 resize_to_state_dict(self.model, with_classes_of(self.model, state),
                                      source=f"--model.weights {weights}")
             else:
