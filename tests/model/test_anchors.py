@@ -166,7 +166,8 @@ def test_a_student_keeps_its_teachers_anchors(synthetic_yaml, tmp_path):
 
 @pytest.mark.parametrize("load", [
     lambda ckpt, nc: Detector(nc=nc, img_size=64, batch_size=4, weights=ckpt),  # --model.weights
-    lambda ckpt, nc: Detector.load_from_checkpoint(ckpt, autoanchor=True),  # from Python
+    # from Python; AutoAnchor on again (the run that saved it had it off), or the fit would not even try it
+    lambda ckpt, nc: Detector.load_from_checkpoint(ckpt, autoanchor=True),
 ], ids=["weights", "load_from_checkpoint"])
 def test_a_fit_from_weights_trained_here_keeps_their_anchors(synthetic_yaml, tmp_path, load):
     # a new search would replace, by chance, anchors the head was trained with (here: poor ones, kept on purpose)
