@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,7 +21,7 @@ from tea_lightning.data.labels import ImageRecord
 def check_anchors_fit(model: nn.Module, records: list[ImageRecord], img_size: int, anchor_t: float) -> bool:
     """Check (and where they fit poorly, evolve) the anchors of a YOLOv5 model for the boxes of `records` at
     `img_size`, printing YOLOv5's AutoAnchor lines; return whether the anchors changed."""
-    from yolov5.utils.autoanchor import check_anchors
+    from yolov5.utils import autoanchor
 
     labelled = [r for r in records if len(r.boxes)]
     if not labelled:  # background images only: no box to fit
@@ -34,8 +35,10 @@ def check_anchors_fit(model: nn.Module, records: list[ImageRecord], img_size: in
     # a seeded fit's other random streams are the same whether the check ran or not
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        # unwrapped: yolov5's TryExcept decorator would swallow a Ctrl+C along with real errors
-        check_anchors.__wrapped__(dataset, model, thr=anchor_t, imgsz=img_size)
+        # unwrapped: yolov5's TryExcept decorator would swallow a Ctrl+C along with real errors; its "AutoAnchor: "
+        # prefix plain, without the ANSI colour codes that show up as escape sequences in log files
+        with patch.object(autoanchor, "PREFIX", "AutoAnchor: "):
+            autoanchor.check_anchors.__wrapped__(dataset, model, thr=anchor_t, imgsz=img_size)
     except Exception as err:  # a failed search is not worth stopping the fit: the anchors stay as they were
         rank_zero_warn(f"AutoAnchor failed ({err!r}); the fit goes on with the model's anchors.")
         head.anchors.copy_(before)

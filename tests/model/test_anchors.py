@@ -1,6 +1,7 @@
 """YOLOv5's AutoAnchor: the anchors are checked against the training boxes at the start of a fit and evolved for the
 data set when they fit poorly."""
 
+import logging
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,13 +55,18 @@ def test_anchors_that_fit_poorly_are_evolved_for_the_boxes():
     torch.testing.assert_close(model(x)[0], fresh.eval()(x)[0])  # predictions use the new anchors, not cached ones
 
 
-def test_anchors_that_fit_are_kept():
+def test_anchors_that_fit_are_kept(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("yolov5"), "handlers", [caplog.handler])  # it does not propagate to root
     model = build_model("yolov5n.yaml", nc=1)
     anchors = model.model[-1].anchors.clone()
     recs = records([(0.05, 0.08), (0.1, 0.1), (0.3, 0.2)])  # shoot-sized boxes
     assert best_possible_recall(model, recs) > 0.98
     assert not check_anchors_fit(model, recs, 416, 4.0)
     assert torch.equal(model.model[-1].anchors, anchors)
+    # the messages as written to log files (caplog.text has colour codes removed)
+    printed = "".join(record.getMessage() for record in caplog.records)
+    assert "AutoAnchor: " in printed and "Best Possible Recall" in printed
+    assert "\x1b[" not in printed  # no colour codes to litter log files
 
 
 def test_the_check_leaves_the_global_random_streams_where_they_were():
