@@ -30,17 +30,12 @@ class WholeBatchSampler(DistributedSampler):
         if size < num_replicas:
             raise DataError(f"{size} evaluation images cannot be shared by {num_replicas} processes (each needs at "
                             "least one): evaluate on fewer devices or with more images.")
-        starts = range(0, size, batch_size)
-        if len(starts) >= num_replicas:
-            first, last = np.array_split(np.arange(len(starts)), num_replicas)[rank][[0, -1]]
-            self.indices = list(range(starts[first], min(starts[last] + batch_size, size)))
-        else:
-            parts = [range(start, min(start + batch_size, size)) for start in starts]
-            while len(parts) < num_replicas:  # size >= num_replicas, so the longest part has two images or more
-                longest = max(range(len(parts)), key=lambda i: len(parts[i]))
-                half = (len(parts[longest]) + 1) // 2
-                parts[longest:longest + 1] = [parts[longest][:half], parts[longest][half:]]
-            self.indices = list(parts[rank])
+        parts = [range(start, min(start + batch_size, size)) for start in range(0, size, batch_size)]
+        while len(parts) < num_replicas:  # size >= num_replicas, so the longest part has two images or more
+            longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+            half = (len(parts[longest]) + 1) // 2
+            parts[longest:longest + 1] = [parts[longest][:half], parts[longest][half:]]
+        self.indices = [i for part in np.array_split(np.arange(len(parts)), num_replicas)[rank] for i in parts[part]]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
