@@ -98,6 +98,15 @@ def test_training_without_augmentation_is_a_letterbox(tmp_path):
     np.testing.assert_allclose(yolo_to_xyxy(sample.labels[0], 160, 160), red_pixels_box(sample.image), atol=1.5)
 
 
+def test_training_drops_boxes_yolov5_drops_slivers_and_specks(tmp_path):
+    record = square_image(tmp_path, "a", (160, 160), (0, 0, 1, 1))
+    # [cls, cx, cy, w, h] of 160 px: sides 15:1 (kept), 25:1 (YOLOv5: over 20, dropped), 1.5 px (dropped), 6 px (kept)
+    record.boxes = np.array([[0, 0.5, 0.2, 60 / 160, 4 / 160], [1, 0.5, 0.5, 100 / 160, 4 / 160],
+                             [2, 0.2, 0.8, 1.5 / 160, 1.5 / 160], [3, 0.8, 0.8, 6 / 160, 6 / 160]], np.float32)
+    sample = TrainDataset([record], 160, NO_AUGMENTATION)[0]
+    assert sample.labels[:, 0].tolist() == [0, 3]
+
+
 def test_augmented_boxes_stay_on_their_objects(tmp_path):
     records = [square_image(tmp_path, f"img{i}", (200, 200), (70 + i, 60, 130, 140 - i)) for i in range(4)]
     dataset = TrainDataset(records, 160, Augmentation(mosaic=0.0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0.5))
