@@ -19,6 +19,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated", categor
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment  # noqa: E402
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from pytorch_lightning.callbacks import Checkpoint  # noqa: E402
 from pytorch_lightning.loggers import CSVLogger, WandbLogger  # noqa: E402
@@ -95,6 +96,16 @@ class RunConfig(SaveConfigCallback):
                                     **({"data": datamodule.dataset_info()} if datamodule else {})})
 
 
+def _launched_processes() -> int:
+    """Return how many processes torchrun or SLURM's srun started for this run (1 when Lightning starts them, or none
+    did): they share no process group yet when the command line is read."""
+    if TorchElasticEnvironment.detect():
+        return int(os.environ.get("WORLD_SIZE", 1))
+    if SLURMEnvironment.detect():
+        return int(os.environ.get("SLURM_NTASKS", 1))
+    return 1
+
+
 # Settings of a run rather than of the model: what this command line (or its config files) says wins over the
 # hyperparameters saved in --ckpt_path, which Lightning's CLI otherwise writes over every --model option.
 RUN_SETTINGS = ("conf_thres", "iou_thres", "max_det", "predict_conf_thres", "predict_iou_thres", "plots")
@@ -111,6 +122,12 @@ class TeaCLI(LightningCLI):
             # "a random seed", as --help says; Lightning 2.6 seeds 0 instead. The DDP processes that Lightning
             # launches (LOCAL_RANK > 0) take the seed the first one drew, which they inherit as PL_GLOBAL_SEED.
             inherited = os.environ.get("PL_GLOBAL_SEED") if int(os.environ.get("LOCAL_RANK", 0)) > 0 else None
+            launched = _launched_processes()
+            if not inherited and launched > 1:
+                raise ConfigError(f"--seed_everything true: the {launched} processes of this run were "
+                                  "started by a launcher (torchrun, srun) and would each draw their own seed, while "
+                                  "config.yaml records the first one's. Give them one number, e.g. "
+                                  "--seed_everything $RANDOM on the launch line.")
             config.seed_everything = int(inherited or random.SystemRandom().randrange(2**31))
             rank_zero_info(f"Random seed: {config.seed_everything} (saved in the run's config.yaml)")
         self.run_settings = {name: config.model[name] for name in RUN_SETTINGS}

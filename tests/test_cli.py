@@ -18,6 +18,7 @@ import yaml
 
 from tea_lightning import Detector, YoloDataModule
 from tea_lightning.cli import cli_main, main
+from tea_lightning.errors import ConfigError
 from tests.conftest import FAST, YOLOV5N, need
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,6 +258,22 @@ def test_seed_everything_true_draws_a_random_seed_and_saves_it(synthetic_yaml, t
         seeds.append(cli.config["validate"]["seed_everything"])
         assert f"seed_everything: {seeds[-1]}" in (tmp_path / run / "version_0" / "config.yaml").read_text()
     assert all(isinstance(seed, int) for seed in seeds) and seeds[0] != seeds[1]  # Lightning 2.6 gave 0 twice
+
+
+@pytest.mark.parametrize("launcher", [
+    {"TORCHELASTIC_RUN_ID": "r1", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},  # torchrun
+    {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "tea", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"},  # srun
+])
+def test_seed_everything_true_is_refused_when_a_launcher_started_the_processes(synthetic_yaml, tmp_path,
+                                                                                monkeypatch, launcher):
+    # each process reads the command line on its own: drawn there, the seeds would differ between processes
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"--seed_everything true: the 2 processes .* --seed_everything \$RANDOM"):
+        cli_main(["validate", *FAST, "--data.data_yaml", str(synthetic_yaml), "--trainer.default_root_dir",
+                  str(tmp_path), "--seed_everything", "true"])
+    assert not (tmp_path / "version_0").exists()
 
 
 @pytest.mark.parametrize("command", ["fit", "validate"])
