@@ -104,7 +104,7 @@ def letterbox(image: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, fl
 
 
 def _bbox_params() -> A.BboxParams:
-    """Return the box handling shared by the training pipelines: YOLO boxes, clipped, and dropped as YOLOv5 drops them."""
+    """Return the box handling shared by the training pipelines: YOLO boxes, clipped, dropped as YOLOv5 drops them."""
     # YOLOv5's box_candidates: at least 10% of the box's area left, sides of 2 px or more (YOLOv5: more than 2), and
     # no side more than 20 times the other (the slivers that clipping at a crop's edge leaves)
     return A.BboxParams(format="yolo", label_fields=["class_labels"], min_visibility=0.1, min_width=2,
