@@ -99,6 +99,8 @@ class RunConfig(SaveConfigCallback):
 def _launched_processes() -> int:
     """Return how many processes torchrun or SLURM's srun started for this run (1 when Lightning starts them, or none
     did): they share no process group yet when the command line is read."""
+    # the counts read here, not from the environments' world_size(): building a SLURMEnvironment runs Lightning's
+    # checks of srun's options, which belong to the Trainer that comes later
     if TorchElasticEnvironment.detect():
         return int(os.environ.get("WORLD_SIZE", 1))
     if SLURMEnvironment.detect():
@@ -122,8 +124,7 @@ class TeaCLI(LightningCLI):
             # "a random seed", as --help says; Lightning 2.6 seeds 0 instead. The DDP processes that Lightning
             # launches (LOCAL_RANK > 0) take the seed the first one drew, which they inherit as PL_GLOBAL_SEED.
             inherited = os.environ.get("PL_GLOBAL_SEED") if int(os.environ.get("LOCAL_RANK", 0)) > 0 else None
-            launched = _launched_processes()
-            if not inherited and launched > 1:
+            if not inherited and (launched := _launched_processes()) > 1:
                 raise ConfigError(f"--seed_everything true: the {launched} processes of this run were "
                                   "started by a launcher (torchrun, srun) and would each draw their own seed, while "
                                   "config.yaml records the first one's. Give them one number, e.g. "
